@@ -1,0 +1,1 @@
+"""Integration tests: real namespaces, bridges, nftables and processes (root only)."""

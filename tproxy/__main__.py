@@ -1,0 +1,5 @@
+"""``python -m tproxy`` is ``one-tproxy``."""
+
+from tproxy.cli import console
+
+console()
