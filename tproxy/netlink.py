@@ -328,7 +328,9 @@ class Netlink:
             msgs = self._ipr(netns).get_addr(family=2, index=index)
         return [(m.get("IFA_ADDRESS"), m["prefixlen"]) for m in msgs]
 
-    def add_address(self, name: str, address: str, prefixlen: int, netns: str | None = None) -> None:
+    def add_address(
+        self, name: str, address: str, prefixlen: int, netns: str | None = None
+    ) -> None:
         """Add an IPv4 address to a link."""
         index = self._index(name, netns)
         with _mapped(f"add address {address}/{prefixlen} to {name}{_where(netns)}"):
