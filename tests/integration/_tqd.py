@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -122,3 +123,61 @@ def ip_json(netns: str, *args: str) -> Any:
 def nft_objects(ruleset: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     """The bodies of every object of one kind in a ruleset listing."""
     return [obj[kind] for obj in ruleset if kind in obj]
+
+
+def add_bridge(netns: str, name: str, port: bool = False) -> str:
+    """A bridge, up, inside test netns ``netns``, with a fixed MAC address.
+
+    With ``port`` it also gets a port that is up (a veth whose other end stays
+    in ``netns``), so it has carrier as a bridge with guests has: a bridge
+    without ports loses carrier and its MAC changes with its ports.
+    """
+    mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+    sh("ip", "link", "add", name, "address", mac, "type", "bridge", netns=netns)
+    sh("ip", "link", "set", name, "up", netns=netns)
+    if port:
+        p, q = unique_name("p"), unique_name("q")
+        sh("ip", "link", "add", p, "type", "veth", "peer", "name", q, netns=netns)
+        sh("ip", "link", "set", p, "master", name, "up", netns=netns)
+        sh("ip", "link", "set", q, "up", netns=netns)
+    return name
+
+
+def tproxy(
+    netns: str,
+    *args: str,
+    config: str | None = None,
+    run_dir: str | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tproxy ARGS`` inside test netns ``netns`` (nsenter, not ip netns exec)."""
+    cmd = ["nsenter", f"--net={NETNS_DIR}/{netns}", sys.executable, "-m", "tproxy"]
+    if config is not None:
+        cmd += ["--config", config]
+    if run_dir is not None:
+        cmd += ["--run-dir", run_dir]
+    cmd += list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def tproxy_async(netns: str, *args: str, config: str, run_dir: str) -> subprocess.Popen[str]:
+    """Start ``python -m tproxy ARGS`` inside ``netns`` without waiting for it."""
+    cmd = [
+        "nsenter",
+        f"--net={NETNS_DIR}/{netns}",
+        sys.executable,
+        "-m",
+        "tproxy",
+        "--config",
+        config,
+        "--run-dir",
+        run_dir,
+        *args,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def sysctl_in(netns: str, key: str) -> str:
+    """A sysctl as seen from inside ``netns``."""
+    with_path = "/proc/sys/" + key.replace(".", "/")
+    return sh("cat", with_path, netns=netns).strip()
