@@ -617,6 +617,21 @@ class FileErrorTests(unittest.TestCase):
             cfg = load_config(self.write(data))
             self.assertEqual((cfg.endpoints, cfg.applicable()), ((), {}))
 
+    def test_nested_too_deeply(self) -> None:
+        """A pathologically nested document is an error, not a crash."""
+        path = self.write(b":tproxy: " + b"[" * 5000 + b"]" * 5000 + b"\n")
+        self.assertConfigError(path, "nested too deeply")
+
+    def test_several_documents(self) -> None:
+        """A file with several YAML documents is an error with the line of the second."""
+        path = self.write(b":a: 1\n---\n:b: 2\n")
+        self.assertEqual(self.assertConfigError(path, "not valid YAML").line, 2)
+
+    def test_python_tags_refused(self) -> None:
+        """Tags that would build Python objects are refused (safe loading)."""
+        path = self.write(b":tproxy: !!python/object/apply:os.system ['true']\n")
+        self.assertConfigError(path, "line 1", "not valid YAML")
+
     def test_one_line_message(self) -> None:
         """ConfigError's text folds whitespace into one line."""
         e = ConfigError("/f", "a\nb\n  c", 3)

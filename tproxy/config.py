@@ -295,6 +295,8 @@ def _load_yaml(data: bytes | str, path: str) -> tuple[yaml.Node | None, Any]:
         raise ConfigError(path, f"not a YAML text file: {e.reason} at byte {e.position}")
     except yaml.YAMLError as e:
         raise ConfigError(path, f"not valid YAML: {e}")
+    except RecursionError:
+        raise ConfigError(path, "not usable YAML: nested too deeply")
     return node, document
 
 
