@@ -7,12 +7,15 @@
 ``python services.py sink --bind ADDR --port P``
     Raw TCP: reads until the client half-closes, then answers ``COUNT SHA256\\n``
     and closes (proves half-close: the reply travels after the client's FIN).
-``python services.py upload HOST PORT SIZE [--delay S]``
+``python services.py upload HOST PORT SIZE [--rate BYTES_PER_S]``
     Client: sends SIZE pattern bytes, shuts its write side, reads the reply,
     prints ``sent COUNT SHA256`` and the reply; exit 0 only if they agree.
-``python services.py download URL SIZE``
+``python services.py download URL SIZE [--rate BYTES_PER_S]``
     Client: ``GET`` of ``/bytes/SIZE`` through a raw socket; prints
     ``got COUNT SHA256`` and exits 0 only if it is the pattern's.
+
+Clients print ``started`` once connected; ``--rate`` paces them (to keep a
+transfer in flight while a test changes something).
 
 Every server prints ``ready`` on stdout once it listens.
 """
@@ -125,16 +128,31 @@ def _serve(server: socketserver.BaseServer) -> int:
     return 0
 
 
-def _upload(host: str, port: int, size: int, delay: float) -> int:
+class _Pacer:
+    """Sleeps so that ``count`` bytes take at least ``count / rate`` seconds."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+
+    def pace(self, count: int) -> None:
+        if self.rate > 0:
+            ahead = count / self.rate - (time.monotonic() - self.start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def _upload(host: str, port: int, size: int, rate: float) -> int:
     h = hashlib.sha256()
     count = 0
     with socket.create_connection((host, port), timeout=30) as s:
+        print("started", flush=True)
+        pacer = _Pacer(rate)
         for block in pattern(size):
             s.sendall(block)
             h.update(block)
             count += len(block)
-            if delay:
-                time.sleep(delay)
+            pacer.pace(count)
         s.shutdown(socket.SHUT_WR)
         reply = b""
         while True:
@@ -148,10 +166,12 @@ def _upload(host: str, port: int, size: int, delay: float) -> int:
     return 0 if reply.decode(errors="replace").strip() == mine else 1
 
 
-def _download(url: str, size: int) -> int:
+def _download(url: str, size: int, rate: float) -> int:
     parts = urllib.parse.urlsplit(url)
     h = hashlib.sha256()
+    pacer = _Pacer(rate)
     with socket.create_connection((parts.hostname, parts.port or 80), timeout=30) as s:
+        print("started", flush=True)
         s.sendall(f"GET /bytes/{size} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
         buf = b""
         while b"\r\n\r\n" not in buf:
@@ -169,6 +189,7 @@ def _download(url: str, size: int) -> int:
                 break
             h.update(data)
             count += len(data)
+            pacer.pace(count)
     got = h.hexdigest()
     print(f"got {count} {got}")
     return 0 if count == size and got == pattern_digest(size) else 1
@@ -189,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("size", type=int)
-    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--rate", type=float, default=0.0)
     p = sub.add_parser("download")
     p.add_argument("url")
     p.add_argument("size", type=int)
+    p.add_argument("--rate", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.mode == "http":
         directory = args.dir
@@ -205,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "sink":
         return _serve(_TCPServer((args.bind, args.port), _Sink))
     if args.mode == "upload":
-        return _upload(args.host, args.port, args.size, args.delay)
-    return _download(args.url, args.size)
+        return _upload(args.host, args.port, args.size, args.rate)
+    return _download(args.url, args.size, args.rate)
 
 
 if __name__ == "__main__":

@@ -294,6 +294,29 @@ def tproxy_namespace(bridge: str) -> str:
     return f"one_tproxy_{bridge}"
 
 
+def config_yaml(
+    endpoints: Iterable[tuple[int, str, int] | tuple[int, str, int, Sequence[str]]],
+    debug_level: int = 3,
+    **settings: object,
+) -> str:
+    """A DESIGN.md 2.1 config file: ``(service_port, remote_addr, remote_port[, networks])``
+    per entry; ``settings`` become top-level ``:tproxy_KEY:`` lines (e.g. grace_period=1)."""
+    lines = [f":tproxy_debug_level: {debug_level}"]
+    lines += [f":tproxy_{key}: {value}" for key, value in settings.items()]
+    lines.append(":tproxy:")
+    for entry in endpoints:
+        port, addr, remote_port = entry[0], entry[1], entry[2]
+        lines += [
+            f"- :service_port: {port}",
+            f"  :remote_addr: {addr}",
+            f"  :remote_port: {remote_port}",
+        ]
+        if len(entry) > 3:
+            nets = ", ".join(str(n) for n in entry[3])  # type: ignore[misc]
+            lines.append(f"  :networks: [{nets}]")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- namespaces
 
 
@@ -452,15 +475,54 @@ class Guest(Namespace):
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         return self.run(argv, timeout=timeout + 5, check=check, input=input, env=env)
 
-    def upload(self, port: int, size: int, delay: float = 0.0, timeout: float = 60.0) -> Completed:
-        """``services.py upload 169.254.16.9 PORT SIZE``: send, half-close, read the reply."""
-        argv = [sys.executable, SERVICES, "upload", SERVICE_ADDRESS, str(port), str(size)]
-        return self.run([*argv, "--delay", str(delay)], timeout=timeout)
+    def client_argv(self, mode: str, port: int, size: int, rate: float = 0.0) -> list[str]:
+        """``services.py upload|download`` via 169.254.16.9:PORT (``rate`` in bytes/s)."""
+        target = [SERVICE_ADDRESS, str(port)] if mode == "upload" else [self.service_url(port)]
+        return [sys.executable, SERVICES, mode, *target, str(size), "--rate", str(rate)]
 
-    def download(self, port: int, size: int, timeout: float = 60.0) -> Completed:
-        """``services.py download``: GET /bytes/SIZE via 169.254.16.9:PORT, sha256 checked."""
-        url = self.service_url(port)
-        return self.run([sys.executable, SERVICES, "download", url, str(size)], timeout=timeout)
+    def upload(self, port: int, size: int, rate: float = 0.0, timeout: float = 60.0) -> Completed:
+        """Send SIZE pattern bytes to 169.254.16.9:PORT, half-close, read the ``COUNT SHA256``
+        reply of a sink; exit 0 only if it matches what was sent."""
+        return self.run(self.client_argv("upload", port, size, rate), timeout=timeout)
+
+    def download(self, port: int, size: int, rate: float = 0.0, timeout: float = 60.0) -> Completed:
+        """GET /bytes/SIZE via 169.254.16.9:PORT; exit 0 only if count and sha256 match."""
+        return self.run(self.client_argv("download", port, size, rate), timeout=timeout)
+
+    def start_transfer(
+        self, mode: str, port: int, size: int, rate: float = 0.0
+    ) -> subprocess.Popen[bytes]:
+        """Start an upload/download in the background; returns once it is connected
+        (killed at cleanup). Collect it with ``proc.communicate(timeout=...)``."""
+        proc = self.spawn(self.client_argv(mode, port, size, rate), stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != b"started":
+            out = line + proc.stdout.read()
+            raise AssertionError(f"{mode} via port {port} did not start: {out!r}")
+        return proc
+
+    def wait_serving(
+        self, port: int, path: str = "/", expect: str = "", timeout: float = 15.0
+    ) -> str:
+        """Poll (bounded) until ``GET 169.254.16.9:PORT/PATH`` succeeds (and holds
+        ``expect``); returns the body. The mesh applies ``up``/``reload`` asynchronously."""
+        last: list[Completed] = []
+
+        def fetch() -> str | None:
+            done = self.curl(self.service_url(port, path), timeout=3)
+            last[:] = [done]
+            return done.stdout if done.ok and expect in done.stdout else None
+
+        try:
+            return str(wait_until(fetch, timeout=timeout, interval=0.1, message=f"port {port}"))
+        except AssertionError:
+            detail = f"{last[0].returncode} {last[0].stdout!r} {last[0].stderr!r}" if last else ""
+            logs = self.host.logs() if self.host is not None else ""
+            raise AssertionError(
+                f"{self.name}: {SERVICE_ADDRESS}:{port}{path} not served in {timeout} s: "
+                f"{detail}\n{logs}"
+            ) from None
 
     def service_url(self, port: int, path: str = "/") -> str:
         """``http://169.254.16.9:PORT/PATH``."""
@@ -723,6 +785,44 @@ class Host(Namespace):
         self.used_tproxy = True
         return self.run(self.tproxy_argv(*argv), timeout=timeout, check=check, env=self.env)
 
+    def up(
+        self,
+        bridge: str,
+        network: str | None = None,
+        network_id: str | None = None,
+        check: bool = True,
+    ) -> Completed:
+        """``one-tproxy up BR [--network N] [--network-id I]`` here (the real driver)."""
+        if bridge not in self.bridges:
+            self.bridges.append(bridge)  # so cleanup removes its one_tproxy_BR namespace
+        argv = ["up", bridge]
+        if network is not None:
+            argv += ["--network", network]
+        if network_id is not None:
+            argv += ["--network-id", network_id]
+        return self._checked(self.tproxy(*argv), check)
+
+    def down(self, bridge: str, check: bool = True) -> Completed:
+        """``one-tproxy down BR`` here (the real driver)."""
+        return self._checked(self.tproxy("down", bridge), check)
+
+    def status(self) -> tuple[int, dict[str, int]]:
+        """``one-tproxy status`` here: its exit status and ``{process name: PID}``."""
+        done = self.tproxy("status")
+        found = {}
+        for line in done.stdout.splitlines():
+            name, _, pid = line.partition(": ")
+            if pid.strip().isdigit():
+                found[name] = int(pid)
+        return done.returncode, found
+
+    def _checked(self, done: Completed, check: bool) -> Completed:
+        if check and not done.ok:
+            raise CommandError(
+                f"{done.argv[-2:]} failed:\n{done.stdout}{done.stderr}\n{self.logs()}"
+            )
+        return done
+
     def log(self, name: str = "one_tproxy") -> str:
         """The text of ``LOG_DIR/NAME.log`` ("" when absent)."""
         try:
@@ -797,6 +897,7 @@ __all__ = [
     "Namespace",
     "SERVICES",
     "Server",
+    "config_yaml",
     "is_alive",
     "missing_requirement",
     "netns_names",
