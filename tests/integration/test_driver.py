@@ -8,14 +8,14 @@ DESIGN.md 2.2; starting the mesh is the end-to-end tests' business.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import time
+import subprocess
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
 from tests.integration import _tqd
+from tests.integration.topology import Host, netns_names, require_root, run, wait_until
 from tproxy.model import namespace_name
 
 CONFIG = """\
@@ -32,69 +32,61 @@ CONFIG = """\
 
 
 class DriverTestCase(TestCase):
-    """A test hypervisor namespace, a config file and a run dir for each test."""
+    """A test hypervisor (shared topology fixture, prefix ``tqd``) with its config file."""
 
     def setUp(self) -> None:
-        _tqd.require_root_netns()
-        self.hv = _tqd.add_netns(self, _tqd.unique_name("h"))
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.config = os.path.join(self.dir, "OpenNebulaNetwork.conf")
-        self.write_config(CONFIG)
+        require_root()
+        self.host = self.make_host()
+        self.host.write_config(CONFIG)
 
-    def write_config(self, text: str) -> None:
-        """Replace the configuration file."""
-        with open(self.config, "w") as f:
-            f.write(text)
+    def make_host(self) -> Host:
+        """A new test hypervisor, removed with everything in it after the test."""
+        return Host(self, prefix=_tqd.PREFIX)
 
-    def bridge(self, tag: str = "b") -> str:
-        """A bridge in the hypervisor; its tproxy namespace is removed at cleanup."""
-        name = _tqd.unique_name(tag)
-        self.addCleanup(_tqd.del_netns, namespace_name(name))
-        return _tqd.add_bridge(self.hv, name, port=True)
+    def bridge(self, host: Host | None = None) -> str:
+        """A bridge with one guest on it (so it has carrier, as with real guests)."""
+        host = host or self.host
+        br = host.add_bridge()
+        host.add_guest(br)
+        return br
 
-    def tproxy(self, *args: str, hv: str | None = None) -> Any:
-        """Run one-tproxy ARGS --state-only inside the hypervisor."""
-        return _tqd.tproxy(
-            hv or self.hv, *args, "--state-only", config=self.config, run_dir=self.dir
-        )
+    def up(self, br: str, *args: str, host: Host | None = None) -> None:
+        """one-tproxy up --state-only, which must succeed."""
+        done = (host or self.host).tproxy("up", br, *args, "--state-only")
+        self.assertEqual(done.returncode, 0, done.stderr)
 
-    def up(self, br: str, *args: str, hv: str | None = None) -> None:
-        """one-tproxy up, which must succeed."""
-        proc = self.tproxy("up", br, *args, hv=hv)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
+    def down(self, br: str, host: Host | None = None) -> None:
+        """one-tproxy down --state-only, which must succeed."""
+        done = (host or self.host).tproxy("down", br, "--state-only")
+        self.assertEqual(done.returncode, 0, done.stderr)
 
-    def down(self, br: str, hv: str | None = None) -> None:
-        """one-tproxy down, which must succeed."""
-        proc = self.tproxy("down", br, hv=hv)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-
-    def listings(self, brs: list[str], hv: str | None = None) -> dict[str, Any]:
-        """Every listing the state shows in (handles and all)."""
-        hv = hv or self.hv
+    def listings(self, brs: list[str], host: Host | None = None) -> dict[str, Any]:
+        """Every listing the state shows in (nft handles included)."""
+        host = host or self.host
+        inners = {namespace_name(b) for b in brs}
         result: dict[str, Any] = {
-            "nft": _tqd.nft_ruleset_raw(hv),
-            "links": _links(hv),
-            "netns": sorted(set(os.listdir(_tqd.NETNS_DIR)) & {namespace_name(b) for b in brs}),
+            "nft": _tqd.nft_ruleset_raw(host),
+            "links": _tqd.links(host),
+            "netns": sorted(set(netns_names()) & inners),
         }
         for br in brs:
-            ns = namespace_name(br)
-            if os.path.exists(os.path.join(_tqd.NETNS_DIR, ns)):
-                result[ns] = (_links(ns), _tqd.ip_json(ns, "route"))
+            inner = host.inner(br)
+            if inner.exists():
+                result[inner.name] = (_tqd.links(inner), inner.ip_json("route"))
         return result
 
-    def assert_up_state(self, br: str, elems: list[Any], hv: str | None = None) -> None:
+    def assert_up_state(self, br: str, elems: list[Any], host: Host | None = None) -> None:
         """The state of DESIGN.md 2.2 for ``br``, field by field."""
-        hv = hv or self.hv
-        ns = namespace_name(br)
-        self.assertIn(ns, os.listdir(_tqd.NETNS_DIR))
+        host = host or self.host
+        inner = host.inner(br)
+        self.assertIn(inner.name, netns_names())
         # BRb: a veth, port of BR, up.
-        (b,) = _tqd.ip_json(hv, "-d", "link", "show", br + "b")
+        (b,) = host.ip_json("-d", "link", "show", br + "b")
         self.assertEqual(b["linkinfo"]["info_kind"], "veth")
         self.assertEqual(b["master"], br)
         self.assertIn("UP", b["flags"])
         # BRa inside the namespace: up, 169.254.16.9/32, default dev BRa scope link.
-        addrs = _tqd.ip_json(ns, "address")
+        addrs = inner.ip_json("address")
         (a,) = [link for link in addrs if link["ifname"] == br + "a"]
         self.assertIn("UP", a["flags"])
         self.assertEqual(
@@ -103,13 +95,13 @@ class DriverTestCase(TestCase):
         )
         self.assertEqual([link["ifname"] for link in addrs], ["lo", br + "a"])
         self.assertEqual(
-            _tqd.ip_json(ns, "route"),
+            inner.ip_json("route"),
             [{"dst": "default", "dev": br + "a", "scope": "link", "flags": []}],
         )
         for key in ("net.ipv4.conf.all.arp_ignore", "net.ipv4.conf.default.arp_ignore"):
-            self.assertEqual(_tqd.sysctl_in(ns, key), "0", key)
+            self.assertEqual(inner.sysctl(key), "0", key)
         # nftables: map ep_BR and chain ch_BR with its one rule.
-        ruleset = _tqd.nft_ruleset(hv)
+        ruleset = _tqd.nft_ruleset(host)
         maps = [m for m in _tqd.nft_objects(ruleset, "map") if m["name"] == "ep_" + br]
         self.assertEqual(
             maps,
@@ -141,7 +133,7 @@ class DriverTestCase(TestCase):
         )
         rules = [r for r in _tqd.nft_objects(ruleset, "rule") if r["chain"] == "ch_" + br]
         self.assertEqual(len(rules), 1)
-        text = _tqd.sh("nft", "list", "chain", "bridge", "one_tproxy", "ch_" + br, netns=hv)
+        text = host.nft("list", "chain", "bridge", "one_tproxy", "ch_" + br).stdout
         fallback = "oifname != @tproxy_veths arp operation request arp daddr ip 169.254.16.9 drop"
         ibrname = (
             f'meta ibrname "{br}" oifname != "{br}b" arp operation request '
@@ -153,14 +145,14 @@ class DriverTestCase(TestCase):
             members = veths["elem"] if isinstance(veths["elem"], list) else [veths["elem"]]
             self.assertIn(br + "b", members)
 
-    def assert_gone(self, br: str, hv: str | None = None) -> None:
+    def assert_gone(self, br: str, host: Host | None = None) -> None:
         """No trace of ``br``'s tproxy state."""
-        hv = hv or self.hv
-        self.assertNotIn(namespace_name(br), os.listdir(_tqd.NETNS_DIR))
-        names = [link["ifname"] for link in _tqd.ip_json(hv, "link")]
+        host = host or self.host
+        self.assertNotIn(namespace_name(br), netns_names())
+        names = [link["ifname"] for link in host.ip_json("link")]
         self.assertNotIn(br + "a", names)
         self.assertNotIn(br + "b", names)
-        dump = json.dumps(_tqd.nft_ruleset(hv))
+        dump = json.dumps(_tqd.nft_ruleset(host))
         self.assertNotIn(f'"ep_{br}"', dump)
         self.assertNotIn(f'"ch_{br}"', dump)
         self.assertNotIn(f'"{br}b"', dump)
@@ -195,7 +187,7 @@ class UpDownTests(DriverTestCase):
         br = self.bridge()
         self.up(br, "--network", "vnet1")
         links = self.listings([br])[namespace_name(br)]
-        self.write_config(
+        self.host.write_config(
             ":tproxy:\n- :service_port: 8080\n  :remote_addr: 127.0.0.1\n  :remote_port: 80\n"
         )
         self.up(br, "--network-id", "7")
@@ -205,7 +197,7 @@ class UpDownTests(DriverTestCase):
     def test_nothing_applies(self) -> None:
         """With no applicable endpoint up changes nothing and exits 0."""
         br = self.bridge()
-        self.write_config(":tproxy: []\n")
+        self.host.write_config(":tproxy: []\n")
         before = self.listings([br])
         self.up(br, "--network", "vnet1")
         self.assertEqual(self.listings([br]), before)
@@ -213,18 +205,18 @@ class UpDownTests(DriverTestCase):
     def test_arp_ignore_set_in_existing_namespace(self) -> None:
         """A namespace found with arp_ignore=2 gets 0 (all and default) before BRa moves in."""
         br = self.bridge()
-        ns = namespace_name(br)
-        _tqd.sh("ip", "netns", "add", ns)
+        inner = self.host.inner(br)
+        run(["ip", "netns", "add", inner.name], check=True)
         for key in ("all", "default"):
-            _tqd.sh("sysctl", "-qw", f"net.ipv4.conf.{key}.arp_ignore=2", netns=ns)
+            inner.run(["sysctl", "-qw", f"net.ipv4.conf.{key}.arp_ignore=2"], check=True)
         self.up(br)
         self.assert_up_state(br, [[5030, {"concat": ["10.11.12.13", 5030]}]])
-        self.assertEqual(_tqd.sysctl_in(ns, f"net.ipv4.conf.{br}a.arp_ignore"), "0")
+        self.assertEqual(inner.sysctl(f"net.ipv4.conf.{br}a.arp_ignore"), "0")
 
     def test_errors_change_nothing(self) -> None:
         """Missing bridge, long name and an unfixable BRb are clear errors changing nothing."""
         br = self.bridge()
-        _tqd.add_bridge(self.hv, br + "b")  # BRb exists, but is not a veth
+        self.host.ip("link", "add", br + "b", "type", "bridge")  # BRb, but not a veth
         before = self.listings([br])
         cases = [
             ("tqdnosuch", "bridge tqdnosuch does not exist"),
@@ -232,51 +224,50 @@ class UpDownTests(DriverTestCase):
             (br, f"{br}b exists but is not a veth"),
         ]
         for name, message in cases:
-            proc = self.tproxy("up", name)
-            self.assertEqual(proc.returncode, 1, name)
-            self.assertIn(message, proc.stderr)
+            done = self.host.tproxy("up", name, "--state-only")
+            self.assertEqual(done.returncode, 1, name)
+            self.assertIn(message, done.stderr)
         self.assertEqual(self.listings([br]), before)
 
 
 class ConcurrencyTests(DriverTestCase):
     """Concurrent up/down for many bridges and for one bridge."""
 
+    def spawn(self, *argv: str) -> subprocess.Popen[bytes]:
+        """Start one-tproxy ARGV --state-only in the hypervisor (killed at cleanup)."""
+        return self.host.spawn(
+            self.host.tproxy_argv(*argv, "--state-only"),
+            env=self.host.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
     def test_parallel_up_of_8_bridges(self) -> None:
-        """Eight up commands at once, one per bridge, all succeed with complete state."""
-        brs = [self.bridge(f"p{i}") for i in range(8)]
-        procs = [
-            _tqd.tproxy_async(
-                self.hv, "up", br, "--state-only", config=self.config, run_dir=self.dir
-            )
-            for br in brs
-        ]
-        for proc in procs:
-            self.addCleanup(_kill, proc)
+        """Eight up commands at once, one per bridge, all succeed; so do eight downs."""
+        brs = [self.host.add_bridge() for _ in range(8)]
+        procs = [self.spawn("up", br) for br in brs]
         for br, proc in zip(brs, procs, strict=True):
             _out, err = proc.communicate(timeout=60)
-            self.assertEqual(proc.returncode, 0, f"{br}: {err}")
+            self.assertEqual(proc.returncode, 0, f"{br}: {err!r}")
         for br in brs:
             self.assert_up_state(br, [[5030, {"concat": ["10.11.12.13", 5030]}]])
+        procs = [self.spawn("down", br) for br in brs]
+        for br, proc in zip(brs, procs, strict=True):
+            _out, err = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 0, f"{br}: {err!r}")
         for br in brs:
-            self.down(br)
-        self.assertEqual(_tqd.nft_ruleset(self.hv), [])
+            self.assert_gone(br)
+        self.assertEqual(_tqd.nft_ruleset(self.host), [])
 
     def test_up_down_race(self) -> None:
         """up and down racing on one bridge end either fully up or fully gone."""
         br = self.bridge()
-        for _round in range(3):
-            procs = [
-                _tqd.tproxy_async(
-                    self.hv, cmd, br, "--state-only", config=self.config, run_dir=self.dir
-                )
-                for cmd in ("up", "down", "up", "down")
-            ]
-            for proc in procs:
-                self.addCleanup(_kill, proc)
+        for _round in range(2):
+            procs = [self.spawn(cmd, br) for cmd in ("up", "down", "up", "down")]
             for proc in procs:
                 _out, err = proc.communicate(timeout=60)
                 self.assertEqual(proc.returncode, 0, err)
-            if os.path.exists(os.path.join(_tqd.NETNS_DIR, namespace_name(br))):
+            if self.host.inner(br).exists():
                 self.assert_up_state(br, [[5030, {"concat": ["10.11.12.13", 5030]}]])
             else:
                 self.assert_gone(br)
@@ -284,79 +275,47 @@ class ConcurrencyTests(DriverTestCase):
         self.assert_gone(br)
 
 
-def _links(netns: str) -> list[dict[str, Any]]:
-    """Links with their IPv4 addresses, without what changes by itself (timers, DAD, stats)."""
-    keep = ("ifindex", "ifname", "flags", "mtu", "master", "link_type", "address", "link_index")
-    result = []
-    for link in _tqd.ip_json(netns, "-d", "address"):
-        item = {k: link.get(k) for k in keep}
-        item["kind"] = link.get("linkinfo", {}).get("info_kind")
-        item["inet"] = [
-            (i["local"], i["prefixlen"], i.get("scope"))
-            for i in link.get("addr_info", [])
-            if i.get("family") == "inet"
-        ]
-        result.append(item)
-    return result
-
-
-def _kill(proc: Any) -> None:
-    """Kill a command we started if it still runs (by its PID)."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
 class ArpTests(DriverTestCase):
     """The ARP rule keeps a guest's ARP for 169.254.16.9 on its own hypervisor."""
 
     def test_trunked_bridges(self) -> None:
         """A guest's ARP request is answered by its own hypervisor and never crosses the trunk."""
-        hv1, hv2 = self.hv, _tqd.add_netns(self, _tqd.unique_name("h"))
-        br1, br2 = self.bridge("t"), _tqd.unique_name("t")
-        self.addCleanup(_tqd.del_netns, namespace_name(br2))
-        _tqd.add_bridge(hv2, br2)
-        # The trunk: a veth from hv1's bridge to hv2's bridge.
-        t1, t2 = _tqd.unique_name("k"), _tqd.unique_name("k")
-        _tqd.sh("ip", "link", "add", t1, "type", "veth", "peer", "name", t2, netns=hv1)
-        _tqd.sh("ip", "link", "set", t2, "netns", hv2, netns=hv1)
-        for hv, br, t in ((hv1, br1, t1), (hv2, br2, t2)):
-            _tqd.sh("ip", "link", "set", t, "master", br, "up", netns=hv)
-        # The guest on hv1's bridge.
-        guest = _tqd.add_netns(self, _tqd.unique_name("g"))
-        g, gp = _tqd.unique_name("v"), _tqd.unique_name("v")
-        _tqd.sh("ip", "link", "add", gp, "type", "veth", "peer", "name", g, netns=hv1)
-        _tqd.sh("ip", "link", "set", g, "netns", guest, netns=hv1)
-        _tqd.sh("ip", "link", "set", gp, "master", br1, "up", netns=hv1)
-        _tqd.sh("ip", "address", "add", "169.254.1.1/16", "dev", g, netns=guest)
-        _tqd.sh("ip", "link", "set", g, "up", netns=guest)
-        # tproxy on both hypervisors.
-        self.up(br1, hv=hv1)
-        self.up(br2, hv=hv2)
+        hv1, hv2 = self.host, self.make_host()
+        br1, br2 = hv1.add_bridge(), hv2.add_bridge()
+        trunk1 = hv1.trunk(br1, hv2, br2)
+        (trunk2,) = [
+            link["ifname"]
+            for link in hv2.ip_json("link")
+            if link.get("master") == br2 and link["ifname"] != trunk1
+        ]
+        guest = hv1.add_guest(br1)
+        hv2.write_config(CONFIG)
+        self.up(br1, host=hv1)
+        self.up(br2, host=hv2)
         # Count ARP requests for 169.254.16.9 arriving at hv2 through the trunk
-        # (and, as a control, leaving the guest into hv1's bridge).
+        # (and, as a control, entering hv1's bridge from the guest).
         count = (
-            "add table bridge tqdcount; "
-            "add chain bridge tqdcount c {{ type filter hook prerouting priority -300; }}; "
+            "add table bridge tqdcount\n"
+            "add chain bridge tqdcount c {{ type filter hook prerouting priority -300; }}\n"
             "add rule bridge tqdcount c iifname {port} "
-            "arp operation request arp daddr ip 169.254.16.9 counter"
+            "arp operation request arp daddr ip 169.254.16.9 counter\n"
         )
-        _tqd.sh("nft", count.format(port=t2), netns=hv2)
-        _tqd.sh("nft", count.format(port=gp), netns=hv1)
-        # Give the veths a moment to carry traffic (IPv6 DAD is irrelevant to ARP).
-        proc = _tqd.in_netns(guest, _knock)
-        neigh = _tqd.ip_json(guest, "neigh", "show", "169.254.16.9")
-        (bra,) = _tqd.ip_json(namespace_name(br1), "link", "show", br1 + "a")
-        self.assertEqual([n.get("lladdr") for n in neigh], [bra["address"]], proc)
+        hv2.nft("-f", "-", input=count.format(port=trunk2))
+        hv1.nft("-f", "-", input=count.format(port=guest.port))
+        outcome = _tqd.in_netns(guest.name, _knock)
+        neigh = guest.ip_json("neigh", "show", "169.254.16.9")
+        (bra,) = hv1.inner(br1).ip_json("link", "show", br1 + "a")
+        self.assertEqual([n.get("lladdr") for n in neigh], [bra["address"]], outcome)
         self.assertGreater(_counted(hv1), 0)
         self.assertEqual(_counted(hv2), 0)
-        # Without the rule the request would cross: the control that the trunk works.
-        self.down(br1, hv=hv1)
-        _tqd.sh("ip", "neigh", "flush", "dev", g, netns=guest)
-        deadline = time.monotonic() + 5
-        while _counted(hv2) == 0 and time.monotonic() < deadline:
-            _tqd.in_netns(guest, _knock)
-        self.assertGreater(_counted(hv2), 0)
+        # Without hv1's rule the request crosses: the control that the trunk carries it.
+        self.down(br1, host=hv1)
+        guest.ip("neigh", "flush", "dev", "eth0")
+        wait_until(
+            lambda: _tqd.in_netns(guest.name, _knock) and _counted(hv2) > 0,
+            timeout=10,
+            message="an ARP request crossing the trunk once the rule is gone",
+        )
 
 
 def _knock() -> str:
@@ -370,10 +329,9 @@ def _knock() -> str:
     return "connect: connected"
 
 
-def _counted(hv: str) -> int:
+def _counted(host: Host) -> int:
     """Packets counted by the tqdcount rule of a hypervisor."""
-    ruleset = _tqd.nft_ruleset(hv)
-    for rule in _tqd.nft_objects(ruleset, "rule"):
+    for rule in _tqd.nft_objects(_tqd.nft_ruleset(host), "rule"):
         if rule["table"] == "tqdcount":
             for expr in rule["expr"]:
                 if "counter" in expr:

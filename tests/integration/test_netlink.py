@@ -8,6 +8,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from tests.integration import _tqd
+from tests.integration.topology import NETNS_DIR, Host, Namespace, require_root
 from tproxy import netlink
 from tproxy.netlink import Netlink
 
@@ -16,10 +17,12 @@ class NetlinkTests(TestCase):
     """Each operation of the edge does exactly what ``ip`` then shows."""
 
     def setUp(self) -> None:
-        _tqd.require_root_netns()
-        self.hv = _tqd.add_netns(self, _tqd.unique_name("h"))
-        self.ns = _tqd.unique_name("n")  # made by the edge itself
-        self.addCleanup(_tqd.del_netns, self.ns)
+        require_root()
+        self.host = Host(self, prefix=_tqd.PREFIX)
+        self.hv = self.host.name
+        self.inner = Namespace(self.host.tag + "n")  # made by the edge itself
+        self.addCleanup(self.inner.delete)
+        self.ns = self.inner.name
 
     def net_do(self, fn: Any) -> Any:
         """Run ``fn(net)`` with a fresh edge in a thread inside the hypervisor netns."""
@@ -37,19 +40,19 @@ class NetlinkTests(TestCase):
         """Namespaces are created as ip netns add does, never implicitly, and removed."""
         self.assertFalse(self.net_do(lambda net: net.namespace_exists(self.ns)))
         self.assertRaises(netlink.NotFoundError, self.net_do, lambda net: net.link("lo", self.ns))
-        self.assertFalse(os.path.exists(os.path.join(_tqd.NETNS_DIR, self.ns)))
+        self.assertFalse(os.path.exists(os.path.join(NETNS_DIR, self.ns)))
         self.net_do(lambda net: net.create_namespace(self.ns))
-        self.assertIn(self.ns, _tqd.sh("ip", "netns", "list"))
+        self.assertIn(self.ns, self.host.run(["ip", "netns", "list"]).stdout)
         self.assertRaises(
             netlink.ExistsError, self.net_do, lambda net: net.create_namespace(self.ns)
         )
         self.assertEqual(self.net_do(lambda net: net.link("lo", self.ns)).name, "lo")
         self.net_do(lambda net: net.remove_namespace(self.ns))
-        self.assertFalse(os.path.exists(os.path.join(_tqd.NETNS_DIR, self.ns)))
+        self.assertFalse(os.path.exists(os.path.join(NETNS_DIR, self.ns)))
 
     def test_veth_into_namespace(self) -> None:
         """A veth pair: one end a bridge port and up, the other moved, addressed, routed."""
-        br = _tqd.add_bridge(self.hv, _tqd.unique_name("b"))
+        br = self.host.add_bridge()
         a, b = br + "a", br + "b"
 
         def build(net: Netlink) -> Any:
@@ -84,10 +87,10 @@ class NetlinkTests(TestCase):
         self.assertEqual(addrs, [("169.254.16.9", 32)])
         self.assertEqual(routes, [(la2.index, 253)])
         self.assertEqual(
-            _tqd.ip_json(self.ns, "route"),
+            self.inner.ip_json("route"),
             [{"dst": "default", "dev": a, "scope": "link", "flags": []}],
         )
-        (link,) = _tqd.ip_json(self.hv, "link", "show", b)
+        (link,) = self.host.ip_json("link", "show", b)
         self.assertEqual(link["master"], br)
         self.net_do(lambda net: net.delete_link(b))
         self.assertIsNone(self.net_do(lambda net: net.link(a, self.ns)))
@@ -97,9 +100,9 @@ class NetlinkTests(TestCase):
         key = "net.ipv4.conf.default.arp_ignore"
         self.net_do(lambda net: net.create_namespace(self.ns))
         self.net_do(lambda net: net.set_sysctl(self.ns, key, "2"))
-        self.assertEqual(_tqd.sysctl_in(self.ns, key), "2")
+        self.assertEqual(self.inner.sysctl(key), "2")
         self.assertEqual(self.net_do(lambda net: net.get_sysctl(self.ns, key)), "2")
-        self.assertEqual(_tqd.sysctl_in(self.hv, key), "0")
+        self.assertEqual(self.host.sysctl(key), "0")
         self.assertRaises(
             netlink.NotFoundError,
             self.net_do,
@@ -113,7 +116,7 @@ class NetlinkTests(TestCase):
             netlink.NotFoundError, self.net_do, lambda net: net.delete_link("tqdnosuch")
         )
         self.assertIn("tqdnosuch", str(e))
-        br = _tqd.add_bridge(self.hv, _tqd.unique_name("b"))
+        br = self.host.add_bridge()
         self.assertRaises(
             netlink.ExistsError, self.net_do, lambda net: net.create_veth(br, br + "x")
         )
