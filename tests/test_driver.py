@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import define, field
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tproxy import driver
@@ -308,10 +309,43 @@ class UpTests(TestCase):
         self.assert_refused("port of another bridge")
 
     def test_kernel_failure(self) -> None:
-        """A kernel failure midway is a DriverError naming the bridge and the failed step."""
+        """A kernel failure midway is a DriverError naming the step; what it made is undone."""
         self.net.fail_on = "move_to_namespace"
         e = self.assertRaises(DriverError, self.up)
         self.assertIn("up br0: fake move_to_namespace", str(e))
+        self.assertEqual(set(self.net.links), {None})
+        self.assertEqual(set(self.net.links[None]), {"br0"})
+        self.assertEqual(
+            self.net.mutations()[-2:], [("delete_link", "br0b", None), ("remove_namespace", NS)]
+        )
+
+    def test_failure_keeps_what_existed(self) -> None:
+        """A failed up removes only what it created itself: an existing namespace stays."""
+        self.net.add_namespace(NS)
+        self.net.fail_on = "add_address"
+        self.assertRaises(DriverError, self.up)
+        self.assertIn(NS, self.net.links)
+        self.assertEqual(self.net.links[NS], {})
+        self.assertNotIn("br0b", self.net.links[None])
+
+    def test_failed_rollback_logged(self) -> None:
+        """When undoing fails too, the original error is raised and the failure logged."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        real_remove = self.net.remove_namespace
+
+        def broken_remove(name: str) -> None:
+            raise NetlinkError("fake remove", errno.EBUSY)
+
+        self.net.remove_namespace = broken_remove  # type: ignore[method-assign]
+        self.net.fail_on = "add_address"
+        e = self.assertRaises(DriverError, self.up)
+        self.assertIn("fake add_address", str(e))
+        warned = [ev for ev in events if ev.get("log_level") == LogLevel.warn]
+        self.assertEqual([ev["what"] for ev in warned], [f"namespace {NS}"])
+        self.assertNotIn("br0b", self.net.links[None])
+        real_remove(NS)
 
 
 class DownTests(TestCase):

@@ -16,6 +16,9 @@ Theory of operation:
   that is not ours, ...). Then it performs only the steps whose result is not
   already there, in the order of DESIGN.md 2.2 / issue 5, and returns the list
   of what it changed: a second ``up`` returns ``[]`` and changes nothing.
+  When a step fails, the veth pair and the namespace that this ``up`` created
+  are removed again (best effort), so a failed first ``up`` leaves no
+  half-built bridge; what existed before is left as it was.
 * ``down`` removes, each only if present: map ``ep_BR``, chain ``ch_BR``
   (and ``guard_BR``), ``BRb`` from ``tproxy_veths``, the veth pair, the
   namespace; tables its removal leaves empty go too. On a clean host it does
@@ -158,14 +161,40 @@ def up(
     """
     _check_name(bridge)
     with driver_lock(run_dir):
+        undo: list[tuple[str, Callable[[], None]]] = []
         try:
-            return _up(bridge, service_map, net, nft)
-        except (NetlinkError, NftError) as e:
+            return _up(bridge, service_map, net, nft, undo)
+        except (NetlinkError, NftError, DriverError) as e:
+            _roll_back(bridge, undo)
+            if isinstance(e, DriverError):
+                raise
             raise DriverError(f"up {bridge}: {e}")
 
 
+def _roll_back(bridge: str, undo: list[tuple[str, Callable[[], None]]]) -> None:
+    """After a failed ``up``, remove what that ``up`` created, best effort.
+
+    In creation order: the veth pair goes before the namespace, as in ``down``.
+    """
+    for what, fn in undo:
+        try:
+            fn()
+            log.info("up {bridge} failed: removed {what} again", bridge=bridge, what=what)
+        except Exception as e:
+            log.warn(
+                "up {bridge} failed, and removing {what} again failed too: {error}",
+                bridge=bridge,
+                what=what,
+                error=e,
+            )
+
+
 def _up(
-    bridge: str, service_map: Mapping[int, Destination], net: NetEdge, nft: NftEdge
+    bridge: str,
+    service_map: Mapping[int, Destination],
+    net: NetEdge,
+    nft: NftEdge,
+    undo: list[tuple[str, Callable[[], None]]],
 ) -> list[str]:
     a_name, b_name = veth_names(bridge)
     ns = namespace_name(bridge)
@@ -181,6 +210,7 @@ def _up(
     if b is None:
         net.create_veth(b_name, a_name)
         did(f"created veth pair {b_name}/{a_name}")
+        undo.append((f"veth pair {b_name}/{a_name}", lambda: _delete_pair(net, bridge)))
         b = net.link(b_name)
         a_here = net.link(a_name)
         if b is None or a_here is None:
@@ -196,6 +226,7 @@ def _up(
     if not net.namespace_exists(ns):
         net.create_namespace(ns)
         did(f"created namespace {ns}")
+        undo.append((f"namespace {ns}", lambda: net.remove_namespace(ns)))
     for key in ARP_SYSCTLS:
         if net.get_sysctl(ns, key) != "0":
             net.set_sysctl(ns, key, "0")
@@ -226,6 +257,18 @@ def _up(
         listing = ", ".join(f"{p} : {d.addr} . {d.port}" for p, d in service_map.items())
         did(f"wrote map ip one_tproxy ep_{bridge} {{ {listing} }}")
     return changes
+
+
+def _delete_pair(net: NetEdge, bridge: str) -> None:
+    """Delete the veth pair wherever its ``BRb`` end (or else its ``BRa`` end) is."""
+    a_name, b_name = veth_names(bridge)
+    ns = namespace_name(bridge)
+    if net.link(b_name) is not None:
+        net.delete_link(b_name)
+    elif net.link(a_name) is not None:
+        net.delete_link(a_name)
+    elif net.namespace_exists(ns) and net.link(a_name, ns) is not None:
+        net.delete_link(a_name, ns)
 
 
 def down(bridge: str, net: NetEdge, nft: NftEdge, run_dir: str) -> list[str]:

@@ -243,16 +243,23 @@ class Netlink:
     # -- namespaces
 
     def namespace_exists(self, name: str) -> bool:
-        """Whether ``/run/netns/NAME`` exists."""
-        return os.path.exists(os.path.join(NETNS_DIR, _check_name(name)))
+        """Whether ``/run/netns/NAME`` is a namespace (a bind mount, not a stale file)."""
+        return os.path.ismount(os.path.join(NETNS_DIR, _check_name(name)))
 
     def create_namespace(self, name: str) -> None:
-        """Create ``/run/netns/NAME`` as ``ip netns add`` does; ExistsError if it exists."""
+        """Create ``/run/netns/NAME`` as ``ip netns add`` does; ExistsError if it exists.
+
+        A stale file of that name (what a crash between creating the mount point
+        and mounting it leaves) names no namespace: it is removed first.
+        """
         from pyroute2 import netns as pyr_netns
 
         if self.namespace_exists(name):
             raise ExistsError(f"create namespace {name}", errno.EEXIST)
+        path = os.path.join(NETNS_DIR, name)
         with _mapped(f"create namespace {name}"):
+            if os.path.lexists(path):
+                os.unlink(path)
             pyr_netns.create(name)
         if not self.namespace_exists(name):
             raise NetlinkError(f"create namespace {name}", None, "it did not appear")

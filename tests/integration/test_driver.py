@@ -8,6 +8,7 @@ DESIGN.md 2.2; starting the mesh is the end-to-end tests' business.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from typing import Any
@@ -71,7 +72,7 @@ class DriverTestCase(TestCase):
         }
         for br in brs:
             inner = host.inner(br)
-            if inner.exists():
+            if os.path.ismount(inner.path):  # a namespace, not a stale file
                 result[inner.name] = (_tqd.links(inner), inner.ip_json("route"))
         return result
 
@@ -228,6 +229,15 @@ class UpDownTests(DriverTestCase):
             self.assertEqual(done.returncode, 1, name)
             self.assertIn(message, done.stderr)
         self.assertEqual(self.listings([br]), before)
+
+    def test_stale_namespace_file(self) -> None:
+        """A stale, unmounted namespace file (left by a crash) is replaced by a namespace."""
+        br = self.bridge()
+        with open(self.host.inner(br).path, "w"):
+            pass
+        self.up(br)
+        self.assertTrue(os.path.ismount(self.host.inner(br).path))
+        self.assert_up_state(br, [[5030, {"concat": ["10.11.12.13", 5030]}]])
 
 
 class ConcurrencyTests(DriverTestCase):
