@@ -26,6 +26,8 @@ from tproxy.config import ConfigError, load_config
 from tproxy.driver import DriverError, down, up
 from tproxy.logs import cli_logging
 from tproxy.model import InvalidBridgeNameError, check_bridge_name
+from tproxy.netlink import NetEdge, Netlink
+from tproxy.nft import Nftables, NftEdge
 from tproxy.settings import Paths
 
 log = Logger(namespace="tproxy.commands.driver")
@@ -72,10 +74,8 @@ def _fail(name: str, message: str) -> int:
     return EXIT_FAILED
 
 
-def _edges():  # type: ignore[no-untyped-def]
-    from tproxy.netlink import Netlink
-    from tproxy.nft import Nftables
-
+def _edges() -> tuple[NetEdge, NftEdge]:
+    """The real edges, acting on the namespace this command runs in."""
     return Netlink(), Nftables()
 
 
