@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from attrs import frozen
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
@@ -10,21 +9,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.fake_transport import FakeTransport
+from tproxy.config import Limits
 from tproxy.link import InnerLink, RootLink
 from tproxy.model import Destination
 from tproxy.protocol import frames as fr
 from tproxy.protocol.frames import Reason
 
 DEST = Destination("10.11.12.13", 5030)
-
-
-@frozen
-class Limits:
-    """The limits the links read (tproxy.config.Limits has the same fields)."""
-
-    max_streams_per_bridge: int = 100
-    max_streams_per_guest: int = 50
-    connect_timeout: float = 5.0
 
 
 class Harness:
@@ -482,6 +473,27 @@ class LinkLifeTests(unittest.TestCase):
         self.assertTrue(g1.aborted and g2.aborted and s1.aborted)
         self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
         self.assertEqual((h.root_closed, h.inner_closed), ([None], [None]))
+
+    def test_idle_timeout(self) -> None:
+        """A stream with no data for the idle timeout is reset; a busy one is not."""
+        h = Harness(limits=Limits(idle_timeout=60.0))
+        g1, s1 = h.stream()
+        g2, s2 = h.stream()
+        for _ in range(3):
+            h.reactor.advance(30)
+            g2.protocol.dataReceived(b"tick")
+            h.pump()
+        self.assertFalse(s1.aborted)  # 90 s: one full idle period not yet seen by a sweep.
+        h.reactor.advance(30)
+        h.pump()
+        self.assertTrue(s1.aborted and g1.aborted)
+        self.assertFalse(s2.aborted or g2.aborted)
+        self.assertEqual(h.root.counters.resets_sent, {Reason.IDLE_TIMEOUT: 1})
+        self.assertEqual(h.inner.counters.resets_received, {Reason.IDLE_TIMEOUT: 1})
+        h.rt.peer_reset()
+        h.it.peer_reset()
+        h.pump()
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
 
     def test_guest_before_link(self) -> None:
         """A guest accepted before the link is connected is reset."""

@@ -70,6 +70,8 @@ class LinkLimits(TypingProtocol):
     def max_streams_per_guest(self) -> int: ...
     @property
     def connect_timeout(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float | None: ...
 
 
 @define
@@ -122,6 +124,7 @@ class _StreamProtocol(Protocol):
         self._tcp_full = False
         self._withheld = 0
         self.sent = 0  # TCP -> link
+        self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
         self.ended = False
 
@@ -176,6 +179,7 @@ class _StreamProtocol(Protocol):
         if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
             return
         self.sent += len(data)
+        self.active = True
         link.counters.bytes_to_link += len(data)
         conn = link.conn
         conn.send_data(self.stream_id, data)
@@ -214,6 +218,7 @@ class _StreamProtocol(Protocol):
     def deliver(self, data: bytes) -> None:
         """Stream data from the link: write it, credit it now or when the socket drains."""
         self.received += len(data)
+        self.active = True
         self.transport.write(data)  # type: ignore[union-attr]
         if self._tcp_full:
             self._withheld += len(data)
@@ -511,6 +516,46 @@ class RootLink(LinkProtocol):
         self.limits = limits
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         self._per_guest: dict[str, int] = {}
+        self._idle_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        idle = self.limits.idle_timeout
+        if idle:
+            self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
+
+    def _idle_sweep(self, idle: float) -> None:
+        """Reset streams that moved no byte during the last ``idle`` seconds.
+
+        A stream idle for between ``idle`` and twice ``idle`` seconds is reset
+        (one sweep per period, one flag per stream: no timer per stream).
+        """
+        self._idle_call = None
+        if self._lost:
+            return
+        for s in list(self._streams.values()):
+            if s.active or s.transport is None:
+                s.active = False
+                continue
+            self._log.info(
+                "{link}: stream {sid} ({guest} -> {dest}) idle for {idle} seconds; resetting it",
+                link=self.name,
+                sid=s.stream_id,
+                guest=s.guest,
+                dest=str(s.destination),
+                idle=idle,
+            )
+            self.conn.reset(s.stream_id, Reason.IDLE_TIMEOUT)
+            _bump(self.counters.resets_sent, Reason.IDLE_TIMEOUT)
+            s.abort()
+        self.flush()
+        self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        super().connectionLost(reason)
 
     def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
