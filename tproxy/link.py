@@ -415,12 +415,13 @@ class LinkProtocol(Protocol):
                 _bump(self.counters.resets_sent, Reason.ABORTED)
                 self.flush()
         self._log.debug(
-            "{link}: stream {sid} closed ({guest} port {port}): "
+            "{link}: stream {sid} closed (guest {guest}, service port {port}{dest}): "
             "{sent} bytes to the link, {received} bytes from it",
             link=self.name,
             sid=s.stream_id,
             guest=s.guest,
             port=s.service_port,
+            dest=f", destination {s.destination}" if s.destination is not None else "",
             sent=s.sent,
             received=s.received,
         )
@@ -673,6 +674,8 @@ class RootLink(LinkProtocol):
 
 class _GuestFactory(Factory):
     """Builds the protocol of each guest connection accepted on one service port."""
+
+    noisy = False
 
     def __init__(self, link: InnerLink, service_port: int) -> None:
         self.link = link
