@@ -576,7 +576,7 @@ class RandomSpliceTests(unittest.TestCase):
                 continue
             g, s = p.guest, p.service
             if action == "connect":
-                if s is None and not p.reset and not g.lost:
+                if s is None and not p.reset and not g.lost and p.index < len(h.reactor.tcpClients):
                     p.service = h.service(index=p.index)
             elif action in ("gdata", "sdata"):
                 t = g if action == "gdata" else s
@@ -613,6 +613,7 @@ class RandomSpliceTests(unittest.TestCase):
 
         # Wind down: everything drains, every live stream gets its FINs.
         h.drain_unix = True
+        h.pump()
         for p in pairs:
             for t in (p.guest, p.service):
                 if t is not None:
