@@ -175,6 +175,32 @@ class OpenTests(unittest.TestCase):
         h.pump()
         self.assertEqual(s1.take(), b"ping")
 
+    def test_lookup_failure(self) -> None:
+        """A lookup that raises refuses the stream (INTERNAL_ERROR) and keeps the link."""
+        h = Harness()
+
+        def broken(port: int) -> Destination | None:
+            raise RuntimeError("map unreadable")
+
+        h.root.lookup = broken
+        g = h.guest()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.INTERNAL_ERROR: 1})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(h.rt.disconnecting)
+
+    def test_endpoint_failure(self) -> None:
+        """An endpoint that cannot even be built refuses the stream as unreachable."""
+        h = Harness()
+
+        def no_endpoint(dest: Destination) -> object:
+            raise ValueError("bad destination")
+
+        h.root._endpoint_for = no_endpoint  # type: ignore[assignment]
+        g = h.guest()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.UNREACHABLE: 1})
+
     def test_too_many_streams_per_bridge(self) -> None:
         """Beyond the bridge's stream limit a new guest is reset, the others stay."""
         h = Harness(limits=Limits(max_streams_per_bridge=2))
@@ -393,6 +419,19 @@ class LinkLifeTests(unittest.TestCase):
         h.root.push_config([5030, 22])
         h.pump()
         self.assertEqual(h.configs, [frozenset({22, 5030})])
+
+    def test_config_callback_failure(self) -> None:
+        """A config callback that raises is logged; the link stays up."""
+        h = Harness()
+
+        def broken(ports: frozenset[int]) -> None:
+            raise RuntimeError("cannot listen")
+
+        h.inner.on_config = broken
+        h.root.push_config([5030])
+        h.pump()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(h.it.disconnecting)
 
     def test_config_before_connection(self) -> None:
         """Config pushed before the link is connected goes out once it is."""

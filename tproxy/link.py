@@ -27,7 +27,7 @@ from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -589,7 +589,14 @@ class RootLink(LinkProtocol):
         sid, port, guest = event.stream_id, event.service_port, event.guest_host
         self.counters.opened += 1
         where = f"service port {port} from guest {guest}:{event.guest_port}"
-        dest = self.lookup(port)
+        try:
+            dest = self.lookup(port)
+        except Exception:
+            self._log.failure(
+                "{link}: looking up service port {port} failed", link=self.name, port=port
+            )
+            self._refuse(sid, Reason.INTERNAL_ERROR, f"{where}: the lookup failed")
+            return
         if dest is None:
             self._refuse(sid, Reason.UNKNOWN_SERVICE, f"{where}: no such service on this bridge")
             return
@@ -616,7 +623,10 @@ class RootLink(LinkProtocol):
         s.guest_ip = guest
         if self._link_paused:
             s._pause |= _PAUSE_LINK
-        d = connectProtocol(self._endpoint_for(dest), s)
+        try:
+            d = connectProtocol(self._endpoint_for(dest), s)
+        except Exception:
+            d = fail()
         s.connecting = d
         d.addErrback(self._connect_failed, s, where)
 
@@ -775,4 +785,7 @@ class InnerLink(LinkProtocol):
                 link=self.name,
                 ports=sorted(event.service_ports),
             )
-            self.on_config(event.service_ports)
+            try:
+                self.on_config(event.service_ports)
+            except Exception:
+                self._log.failure("{link}: applying the service ports failed", link=self.name)
