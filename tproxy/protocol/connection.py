@@ -77,6 +77,9 @@ class Role(enum.Enum):
 class StreamState(enum.Enum):
     """States of one stream (``docs/protocol.md`` section 5)."""
 
+    # Identity hash (C speed): the transition table is keyed by (state, input) tuples.
+    __hash__ = object.__hash__
+
     IDLE = "idle"
     OPENING = "opening"
     OPEN = "open"
@@ -87,6 +90,8 @@ class StreamState(enum.Enum):
 
 class Input(enum.Enum):
     """Inputs of the stream state machine: a frame sent or received."""
+
+    __hash__ = object.__hash__
 
     SEND_OPEN = enum.auto()
     RECV_OPEN = enum.auto()
