@@ -205,6 +205,7 @@ class _StreamProtocol(Protocol):
 
     def _maybe_finish(self) -> None:
         if self._read_eof and self._write_done and self.transport is not None:
+            # Our producer was unregistered by close_write(), so this really closes.
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -332,7 +333,7 @@ class LinkProtocol(Protocol):
                 message=str(e),
             )
             self.flush()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._close()
             return
         streams = self._streams
         for event in events:
@@ -480,7 +481,19 @@ class LinkProtocol(Protocol):
             and not self._lost
             and not conn.terminated
         ):
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self) -> None:
+        """Close the UNIX connection once its buffer is written.
+
+        The fan-in producer is unregistered first: a transport whose streaming
+        producer is paused resumes it instead of closing when its buffer drains,
+        and with no stream left nothing would ever write again.
+        """
+        t = self.transport
+        if t is not None:
+            t.unregisterProducer()  # type: ignore[attr-defined]
+            t.loseConnection()
 
 
 class RootLink(LinkProtocol):
