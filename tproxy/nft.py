@@ -446,6 +446,18 @@ class Nftables:
                 result[bridge] = service_map
         return result
 
+    def arp_rule_state(self, bridge: str) -> tuple[ArpRuleForm | None, bool]:
+        """(form of chain ``ch_BR``'s one ARP rule or None, ``BRb`` in ``tproxy_veths``?).
+
+        Read only (``one-tproxy check``): None when the chain is missing or does
+        not hold exactly one of our ARP rules.
+        """
+        check_bridge_name(bridge)
+        table = self._read_table("bridge")
+        form = _rule_forms(bridge, table.rules.get(chain_name(bridge), []))
+        in_set = veth_outer(bridge) in _set_elements(table.sets.get(VETH_SET))
+        return form, in_set
+
     # -- writer
 
     def write_service_map(self, bridge: str, service_map: Mapping[int, Destination]) -> bool:
