@@ -53,13 +53,15 @@ class FakeProcTests(unittest.TestCase):
         os.symlink(self.ns_files["br1"], os.path.join(self.netns, "one_tproxy_br1"))
         self._proc("self", b"python\0", "host")
 
-    def _proc(self, pid: str, cmdline: bytes, ns: str | None, state: str = "S") -> None:
+    def _proc(
+        self, pid: str, cmdline: bytes, ns: str | None, state: str = "S", ppid: int = 1
+    ) -> None:
         d = os.path.join(self.proc, pid)
         os.makedirs(os.path.join(d, "ns"))
         with open(os.path.join(d, "cmdline"), "wb") as f:
             f.write(cmdline)
         with open(os.path.join(d, "stat"), "w") as f:
-            f.write(f"{pid} (x) y) {state} 1 2 3\n")
+            f.write(f"{pid} (x) y) {state} {ppid} 2 3\n")
         if ns is not None:
             os.symlink(self.ns_files[ns], os.path.join(d, "ns", "net"))
 
@@ -70,7 +72,7 @@ class FakeProcTests(unittest.TestCase):
         """Roots in the caller's netns and inners in their bridge's netns are found, no others."""
         self._proc("10", b"one_tproxy\0\0\0", "host")
         self._proc("11", b"one_tproxy\0", "other")  # another hypervisor's root
-        self._proc("12", b"one_tproxy_br0\0\0", "br0")
+        self._proc("12", b"one_tproxy_br0\0\0", "br0", ppid=10)
         self._proc("13", b"one_tproxy_br1\0", "host")  # not in its namespace
         self._proc("14", b"one_tproxy_br2\0", "host")  # no such namespace
         self._proc("15", b"one_tproxy\0", "host", state="Z")  # zombie
@@ -78,11 +80,13 @@ class FakeProcTests(unittest.TestCase):
         self._proc("17", b"one_tproxy\0", None)  # namespace unreadable
         self._proc("9", b"one_tproxy\0", "host")
         mesh = self.finder().find()
-        self.assertEqual(mesh, Mesh(roots=(9, 10), inners={"br0": (12,), "br1": (16,)}))
+        self.assertEqual(mesh.roots, (9, 10))
+        self.assertEqual(mesh.inners, {"br0": (12,), "br1": (16,)})
+        self.assertEqual(mesh.children_of(10), [ProxyProcess(12, "br0", 10)])
         self.assertEqual(mesh.root, 9)
         self.assertEqual(mesh.all_pids(), [9, 10, 12, 16])
         self.assertEqual(
-            [p.title for p in mesh.processes()],
+            [p.title for p in mesh.processes],
             ["one_tproxy", "one_tproxy", "one_tproxy_br0", "one_tproxy_br1"],
         )
 
@@ -90,7 +94,7 @@ class FakeProcTests(unittest.TestCase):
         """No proxies: no root, no inners."""
         mesh = self.finder().find()
         self.assertIsNone(mesh.root)
-        self.assertEqual(mesh.processes(), [])
+        self.assertEqual(mesh.processes, ())
 
     def test_missing_proc(self) -> None:
         """An unreadable /proc finds nothing rather than failing."""

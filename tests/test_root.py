@@ -118,6 +118,7 @@ class Harness:
         self.root = RootService(
             self.clock,
             self.read_maps,
+            FakeSettings(),
             self.load_settings,
             self.launcher,
             self.make_link,
@@ -164,7 +165,6 @@ class RootStartTests(unittest.TestCase):
         self.assertEqual(h.link("br0").pushed, [[1234, 5030]])
         self.assertEqual(h.link("br1").pushed, [[5030]])
         self.assertEqual(h.link("br0").limits, h.root.limits())
-        self.assertEqual(h.logs.levels, [2])
         self.assertEqual(h.empty, 0)
 
     def test_same_port_two_bridges(self) -> None:
@@ -202,11 +202,13 @@ class RootStartTests(unittest.TestCase):
         self.assertEqual(h.empty, 1)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
-    def test_bad_config_at_start(self) -> None:
-        """A configuration that cannot be used at start is an error of startService."""
+    def test_settings_at_start(self) -> None:
+        """The settings given at start are in force; the file is read again only on reload."""
         h = Harness({"br0": {5030: A}})
         h.settings = ValueError("broken")
-        self.assertRaises(ValueError, h.root.startService)
+        h.root.startService()
+        self.assertEqual(h.root.settings, FakeSettings())
+        self.assertEqual(h.root.limits().grace_period, 3.0)
 
     def test_launch_failure_retried(self) -> None:
         """A launch that raises is logged and retried after the backoff."""
@@ -295,7 +297,7 @@ class RootReloadTests(unittest.TestCase):
         h = self.h
         h.settings = FakeSettings(debug_level=3)
         h.root.reload()
-        self.assertEqual(h.logs.levels, [2, 3])
+        self.assertEqual(h.logs.levels, [3])
         self.assertEqual(h.logs.reopens, 1)
         for inner in h.launcher.started:
             self.assertEqual(inner.signals, [signal.SIGHUP])

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator
 from typing import Protocol
 
-from attrs import field, frozen
+from attrs import frozen
 
 from tproxy.model import namespace_name
 
@@ -43,6 +43,8 @@ class ProxyProcess:
     """Its process id."""
     bridge: str | None
     """The bridge of an inner proxy; None for the root proxy."""
+    ppid: int = 0
+    """Its parent's process id (an inner proxy's is its root proxy while that runs)."""
 
     @property
     def title(self) -> str:
@@ -52,31 +54,38 @@ class ProxyProcess:
 
 @frozen
 class Mesh:
-    """The proxies of this host: root proxies (normally one) and inner proxies by bridge."""
+    """The proxies of this host, as found by one scan."""
 
-    roots: tuple[int, ...] = ()
-    """PIDs of ``one_tproxy`` processes in the caller's network namespace, ascending."""
-    inners: dict[str, tuple[int, ...]] = field(factory=dict)
-    """Bridge -> PIDs of its inner proxies (in namespace ``one_tproxy_BR``), ascending."""
+    processes: tuple[ProxyProcess, ...] = ()
+    """Roots (ascending PID), then inners (by bridge name, then PID)."""
+
+    @property
+    def roots(self) -> tuple[int, ...]:
+        """PIDs of ``one_tproxy`` processes in the caller's network namespace, ascending."""
+        return tuple(p.pid for p in self.processes if p.bridge is None)
 
     @property
     def root(self) -> int | None:
         """The root proxy's PID (the lowest if, briefly, there are several), or None."""
-        return self.roots[0] if self.roots else None
+        roots = self.roots
+        return roots[0] if roots else None
+
+    @property
+    def inners(self) -> dict[str, tuple[int, ...]]:
+        """Bridge -> PIDs of its inner proxies (in namespace ``one_tproxy_BR``), ascending."""
+        found: dict[str, tuple[int, ...]] = {}
+        for p in self.processes:
+            if p.bridge is not None:
+                found[p.bridge] = (*found.get(p.bridge, ()), p.pid)
+        return found
+
+    def children_of(self, pid: int) -> list[ProxyProcess]:
+        """The inner proxies whose parent is ``pid``."""
+        return [p for p in self.processes if p.bridge is not None and p.ppid == pid]
 
     def all_pids(self) -> list[int]:
         """Every PID, roots first, then inners by bridge name."""
-        pids = list(self.roots)
-        for bridge in sorted(self.inners):
-            pids.extend(self.inners[bridge])
-        return pids
-
-    def processes(self) -> list[ProxyProcess]:
-        """Every process, roots first, then inners sorted by bridge name."""
-        found = [ProxyProcess(pid, None) for pid in self.roots]
-        for bridge in sorted(self.inners):
-            found.extend(ProxyProcess(pid, bridge) for pid in self.inners[bridge])
-        return found
+        return [p.pid for p in self.processes]
 
 
 class ProcessFinder(Protocol):
@@ -149,36 +158,44 @@ class ProcFinder:
     def find(self) -> Mesh:
         """Scan ``/proc`` once; see the module docstring for the scoping rules."""
         own = _ns_id(os.path.join(self.proc_dir, "self", "ns", "net"))
-        roots: list[int] = []
-        inners: dict[str, list[int]] = {}
+        found: list[ProxyProcess] = []
         bridge_ns: dict[str, NsId | None] = {}
         for pid, title in self._candidates():
-            if not self.alive(pid):
+            state = self._stat(pid)
+            if state is None or state[0] in ("Z", "X"):
                 continue
             ns = self._pid_ns(pid)
             if ns is None:
                 continue
             if title == ROOT_TITLE:
                 if ns == own:
-                    roots.append(pid)
+                    found.append(ProxyProcess(pid, None, state[1]))
                 continue
             bridge = title[len(_INNER_PREFIX) :]
             if bridge not in bridge_ns:
                 bridge_ns[bridge] = _ns_id(os.path.join(self.netns_dir, title))
             if bridge_ns[bridge] is not None and ns == bridge_ns[bridge]:
-                inners.setdefault(bridge, []).append(pid)
-        return Mesh(
-            roots=tuple(sorted(roots)),
-            inners={b: tuple(sorted(p)) for b, p in inners.items()},
-        )
+                found.append(ProxyProcess(pid, bridge, state[1]))
+        found.sort(key=lambda p: (p.bridge is not None, p.bridge or "", p.pid))
+        return Mesh(tuple(found))
 
-    def alive(self, pid: int) -> bool:
-        """True while ``pid`` exists and is not a zombie."""
+    def _stat(self, pid: int) -> tuple[str, int] | None:
+        """(state letter, parent pid) from ``/proc/PID/stat``, or None when gone."""
         try:
             with open(os.path.join(self.proc_dir, str(pid), "stat"), "rb") as f:
                 stat = f.read()
         except OSError:
-            return False
-        # "PID (comm) STATE ...": comm may hold spaces and parentheses.
-        state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-        return state not in (b"Z", b"X", b"")
+            return None
+        # "PID (comm) STATE PPID ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 2:
+            return None
+        try:
+            return fields[0].decode("ascii", "replace"), int(fields[1])
+        except ValueError:
+            return None
+
+    def alive(self, pid: int) -> bool:
+        """True while ``pid`` exists and is not a zombie."""
+        state = self._stat(pid)
+        return state is not None and state[0] not in ("Z", "X")

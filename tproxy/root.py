@@ -292,6 +292,7 @@ class RootService(MultiService):
         self,
         reactor: IReactorTime,
         read_maps: Callable[[], MeshMap],
+        settings: SettingsLike,
         load_settings: Callable[[], SettingsLike],
         launcher: Launcher,
         make_link: LinkFactory,
@@ -310,7 +311,8 @@ class RootService(MultiService):
         self._on_empty = on_empty
         self._log_control = log_control
         self._backoff = backoff
-        self.settings: SettingsLike | None = None
+        self.settings: SettingsLike = settings
+        """The configuration in force (``settings`` at start, then each reload's)."""
         self._leaving: list[Deferred[None]] = []
         self._empty_called = False
 
@@ -320,7 +322,7 @@ class RootService(MultiService):
 
     def limits(self) -> Any:
         """The limits of the configuration in force."""
-        return None if self.settings is None else self.settings.limits
+        return self.settings.limits
 
     def _read_settings(self) -> None:
         try:
@@ -330,10 +332,8 @@ class RootService(MultiService):
                 "cannot use the configuration file, keeping the settings in force: {error}",
                 error=e,
             )
-            if self.settings is None:
-                raise
             return
-        if self.settings is None or settings.debug_level != self.settings.debug_level:
+        if settings.debug_level != self.settings.debug_level:
             log.info("debug level {debug_level}", debug_level=settings.debug_level)
         self.settings = settings
         if self._log_control is not None:
@@ -348,8 +348,7 @@ class RootService(MultiService):
         return {bridge: dict(m) for bridge, m in maps.items() if m}
 
     def startService(self) -> None:
-        """Read settings and maps, start one inner proxy per bridge."""
-        self._read_settings()
+        """Read the maps, start one inner proxy per bridge."""
         super().startService()
         maps = self._read()
         log.info("root proxy started; bridges: {bridges}", bridges=sorted(maps or {}) or "none")
