@@ -149,17 +149,13 @@ class InnerService(MultiService):
             return
         ports = frozenset(ports)
         if ports != self.ports:
-            log.info(
-                "service ports {old} -> {new}", old=sorted(self.ports), new=sorted(ports)
-            )
+            log.info("service ports {old} -> {new}", old=sorted(self.ports), new=sorted(ports))
         self.ports = ports
         current = self.listeners()
         for port in sorted(set(current) - ports):
             current[port].disownServiceParent()
         for port in sorted(ports - set(current)):
-            listener = _Listener(
-                port, self._make_endpoint(port), self.link.guest_factory(port)
-            )
+            listener = _Listener(port, self._make_endpoint(port), self.link.guest_factory(port))
             listener.setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
@@ -310,4 +306,3 @@ def _run(bridge: str, paths: Any) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -92,9 +92,7 @@ class DaemonRuntime:
             self.log_file.install()
         if error is not None:
             log.error("{error}; using the default settings", error=error)
-        log.info(
-            "open-files limit {before} -> {after}", before=soft_before, after=soft_after
-        )
+        log.info("open-files limit {before} -> {after}", before=soft_before, after=soft_after)
 
     def reload(self) -> None:
         """SIGHUP: reopen the log file, re-read the log level (and limits)."""

@@ -1,0 +1,199 @@
+"""Tests for tproxy.daemonctl with a fake /proc, fake nftables, fake twistd and a fake clock."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+
+from attrs import define, field
+from twisted.trial import unittest
+
+from tproxy.daemonctl import EXIT_NOT_RUNNING, MeshControl, twistd_argv
+from tproxy.model import Destination
+from tproxy.procs import Mesh, ProxyProcess
+from tproxy.settings import Paths
+
+D = Destination("127.0.0.1", 80)
+PATHS = Paths("/etc/x.conf", "/logs", "/run")
+
+
+@define
+class World:
+    """Processes, maps and time, all fake; signals act on the processes."""
+
+    procs: list[ProxyProcess] = field(factory=list)
+    maps: dict[str, dict[int, Destination]] = field(factory=dict)
+    now: float = 0.0
+    signals: list[tuple[int, int]] = field(factory=list)
+    twistd_calls: list[list[str]] = field(factory=list)
+    twistd_rc: int = 0
+    obey_term: bool = True
+    spawn_inners: bool = True
+    out: list[str] = field(factory=list)
+    err: list[str] = field(factory=list)
+
+    def find(self) -> Mesh:
+        return Mesh(
+            tuple(sorted(self.procs, key=lambda p: (p.bridge is not None, p.bridge or "", p.pid)))
+        )
+
+    def alive(self, pid: int) -> bool:
+        return any(p.pid == pid for p in self.procs)
+
+    def kill(self, pid: int, signum: int) -> None:
+        self.signals.append((pid, signum))
+        if signum == signal.SIGKILL or (signum == signal.SIGTERM and self.obey_term):
+            victim = [p for p in self.procs if p.pid == pid]
+            self.procs = [p for p in self.procs if p.pid != pid]
+            if victim and victim[0].bridge is None and signum == signal.SIGTERM:
+                self.procs = [p for p in self.procs if p.ppid != pid]
+
+    def run_twistd(self, argv: Sequence[str]) -> tuple[int, str]:
+        self.twistd_calls.append(list(argv))
+        if self.twistd_rc == 0:
+            self.procs.append(ProxyProcess(500, None, 1))
+            if self.spawn_inners:
+                for i, bridge in enumerate(sorted(self.maps)):
+                    if self.maps[bridge]:
+                        self.procs.append(ProxyProcess(600 + i, bridge, 500))
+        return self.twistd_rc, "boom" if self.twistd_rc else ""
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def control(self) -> MeshControl:
+        return MeshControl(
+            PATHS,
+            finder=self,  # type: ignore[arg-type]
+            read_maps=lambda: self.maps,
+            run_twistd=self.run_twistd,
+            kill=self.kill,
+            grace_period=lambda paths: 10.0,
+            sleep=self.sleep,
+            monotonic=lambda: self.now,
+            out=self.out.append,
+            err=self.err.append,
+        )
+
+
+class StatusTests(unittest.TestCase):
+    """``one-tproxy status``."""
+
+    def test_running(self) -> None:
+        """The root line, then one line per inner sorted by bridge; exit 0."""
+        w = World(
+            procs=[
+                ProxyProcess(7, "br1", 5),
+                ProxyProcess(5, None, 1),
+                ProxyProcess(6, "br0", 5),
+                ProxyProcess(9, "brX", 77),
+            ]
+        )
+        self.assertEqual(w.control().status(), 0)
+        self.assertEqual(w.out, ["one_tproxy: 5", "one_tproxy_br0: 6", "one_tproxy_br1: 7"])
+
+    def test_not_running(self) -> None:
+        """No root: exit 3; orphans of this host's bridges are still shown."""
+        w = World(
+            procs=[ProxyProcess(9, "br0", 1), ProxyProcess(10, "other", 1)], maps={"br0": {1: D}}
+        )
+        self.assertEqual(w.control().status(), EXIT_NOT_RUNNING)
+        self.assertEqual(w.out, ["one_tproxy_br0: 9"])
+
+
+class StartTests(unittest.TestCase):
+    """``one-tproxy start``."""
+
+    def test_nothing_configured(self) -> None:
+        """No (non-empty) map: nothing is started, exit 0."""
+        w = World(maps={"br0": {}})
+        self.assertEqual(w.control().start(), 0)
+        self.assertEqual(w.twistd_calls, [])
+
+    def test_starts_and_waits(self) -> None:
+        """twistd runs once with our options, and start returns once inners are up."""
+        w = World(maps={"br0": {1: D}})
+        self.assertEqual(w.control().start(), 0)
+        self.assertEqual(w.twistd_calls, [twistd_argv(PATHS)])
+        self.assertIn("--pidfile=", w.twistd_calls[0])
+        self.assertEqual(
+            w.twistd_calls[0][-7:],
+            ["one-tproxy", "--config", "/etc/x.conf", "--log-dir", "/logs", "--run-dir", "/run"],
+        )
+
+    def test_idempotent(self) -> None:
+        """A running root means exit 0 without running twistd."""
+        w = World(procs=[ProxyProcess(5, None, 1)], maps={"br0": {1: D}})
+        self.assertEqual(w.control().start(), 0)
+        self.assertEqual(w.twistd_calls, [])
+
+    def test_twistd_fails(self) -> None:
+        """A failing twistd is exit 1 with its output."""
+        w = World(maps={"br0": {1: D}}, twistd_rc=1)
+        self.assertEqual(w.control().start(), 1)
+        self.assertIn("boom", w.err[0])
+
+    def test_inners_late(self) -> None:
+        """Inners that do not come up in time are reported; the root runs, so exit 0."""
+        w = World(maps={"br0": {1: D}}, spawn_inners=False)
+        self.assertEqual(w.control().start(), 0)
+        self.assertIn("br0", w.err[0])
+        self.assertGreaterEqual(w.now, 15.0)
+
+    def test_unreadable_maps(self) -> None:
+        """Maps that cannot be read: exit 1 with the reason."""
+        w = World()
+        control = w.control()
+
+        def broken() -> dict[str, dict[int, Destination]]:
+            raise OSError("no netlink")
+
+        control.read_maps = broken
+        self.assertEqual(control.start(), 1)
+        self.assertIn("no netlink", w.err[0])
+
+
+class StopTests(unittest.TestCase):
+    """``one-tproxy stop``, ``restart`` and ``reload``."""
+
+    def test_nothing_running(self) -> None:
+        """Nothing runs: exit 0, no signal."""
+        w = World()
+        self.assertEqual(w.control().stop(), 0)
+        self.assertEqual(w.signals, [])
+
+    def test_stop_waits(self) -> None:
+        """SIGTERM goes to the root only; stop returns when root and inners are gone."""
+        w = World(procs=[ProxyProcess(5, None, 1), ProxyProcess(6, "br0", 5)])
+        self.assertEqual(w.control().stop(), 0)
+        self.assertEqual(w.signals, [(5, signal.SIGTERM)])
+        self.assertEqual(w.procs, [])
+
+    def test_orphans_terminated(self) -> None:
+        """Orphan inners of this host's bridges get SIGTERM too."""
+        w = World(procs=[ProxyProcess(6, "br0", 1)], maps={"br0": {1: D}})
+        self.assertEqual(w.control().stop(), 0)
+        self.assertEqual(w.signals, [(6, signal.SIGTERM)])
+
+    def test_stubborn_killed(self) -> None:
+        """What outlives grace period + margin is killed."""
+        w = World(procs=[ProxyProcess(5, None, 1)], obey_term=False)
+        self.assertEqual(w.control().stop(), 0)
+        self.assertEqual(w.signals, [(5, signal.SIGTERM), (5, signal.SIGKILL)])
+        self.assertGreaterEqual(w.now, 15.0)
+
+    def test_restart(self) -> None:
+        """Restart stops (waiting) and starts again."""
+        w = World(procs=[ProxyProcess(5, None, 1)], maps={"br0": {1: D}})
+        self.assertEqual(w.control().restart(), 0)
+        self.assertEqual(len(w.twistd_calls), 1)
+        self.assertEqual(w.find().root, 500)
+
+    def test_reload(self) -> None:
+        """Reload is SIGHUP to a running root; without one it starts the mesh."""
+        w = World(procs=[ProxyProcess(5, None, 1)])
+        self.assertEqual(w.control().reload(), 0)
+        self.assertEqual(w.signals, [(5, signal.SIGHUP)])
+        w2 = World(maps={"br0": {1: D}})
+        self.assertEqual(w2.control().reload(), 0)
+        self.assertEqual(len(w2.twistd_calls), 1)
