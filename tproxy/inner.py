@@ -30,10 +30,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
     IReactorTime,
@@ -41,7 +41,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from tproxy.model import SERVICE_ADDRESS, namespace_name
 
@@ -67,45 +66,69 @@ class InnerLinkLike(Protocol):
         ...
 
 
-@implementer(IStreamServerEndpoint)
-class _LoggedEndpoint:
-    """Wraps a listening endpoint so that binds and failures are logged."""
+class _Listener(Service):
+    """The listening service of one service port: binds, logs, retries a failed bind.
 
-    def __init__(self, endpoint: IStreamServerEndpoint, port: int) -> None:
-        self._endpoint = endpoint
-        self._port = port
+    (Like ``StreamServerEndpointService``, plus a retry every ``REBIND_DELAY``
+    seconds: a port may still be held for a moment by a stopping predecessor.)
+    """
 
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        d = self._endpoint.listen(protocolFactory)
-
-        def bound(port: IListeningPort) -> IListeningPort:
-            log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self._port)
-            return port
-
-        def failed(f: Failure) -> Failure:
-            log.error(
-                "cannot listen on {addr}:{port}: {error}",
-                addr=SERVICE_ADDRESS,
-                port=self._port,
-                error=f.getErrorMessage(),
-            )
-            return f
-
-        return d.addCallbacks(bound, failed)
-
-
-class _Listener(StreamServerEndpointService):
-    """One service port's listening service; logs its unbind."""
-
-    def __init__(self, port: int, endpoint: IStreamServerEndpoint, factory: IProtocolFactory):
-        super().__init__(_LoggedEndpoint(endpoint, port), factory)
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        port: int,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+    ) -> None:
         self.service_port = port
         self.name = str(port)
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self._factory = factory
+        self._listening: IListeningPort | None = None
+        self._retry: IDelayedCall | None = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether the port listens now."""
+        return self._listening is not None
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        self._retry = None
+        self._endpoint.listen(self._factory).addCallbacks(self._bound, self._failed)
+
+    def _bound(self, listening: IListeningPort) -> object:
+        if not self.running:
+            return listening.stopListening()
+        self._listening = listening
+        log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        return None
+
+    def _failed(self, failure: Failure) -> None:
+        log.error(
+            "cannot listen on {addr}:{port}: {error}; trying again in {delay} s",
+            addr=SERVICE_ADDRESS,
+            port=self.service_port,
+            error=failure.getErrorMessage(),
+            delay=REBIND_DELAY,
+        )
+        if self.running:
+            self._retry = self._reactor.callLater(REBIND_DELAY, self._listen)
 
     def stopService(self) -> Deferred[None] | None:
-        d = super().stopService()
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return None
         log.info("stopped listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
-        return d
+        return listening.stopListening()  # type: ignore[no-any-return]
 
 
 class InnerService(MultiService):
@@ -155,8 +178,10 @@ class InnerService(MultiService):
         for port in sorted(set(current) - ports):
             current[port].disownServiceParent()
         for port in sorted(ports - set(current)):
-            listener = _Listener(port, self._make_endpoint(port), self.link.guest_factory(port))
-            listener.setServiceParent(self)
+            factory = self.link.guest_factory(port)
+            _Listener(self._reactor, port, self._make_endpoint(port), factory).setServiceParent(
+                self
+            )
 
     def stopService(self) -> Deferred[None]:
         """Graceful: unbind, go-away, wait (bounded) for streams to end, close the link."""
