@@ -50,6 +50,8 @@ log = Logger(namespace="tproxy.inner")
 DRAIN_POLL = 0.05
 #: Seconds between attempts to bind a port that could not be bound.
 REBIND_DELAY = 1.0
+#: Listen backlog of the guests' ports (Twisted's default of 50 drops bursts of SYNs).
+BACKLOG = 1024
 
 
 class InnerLinkLike(Protocol):
@@ -305,11 +307,11 @@ def _run(bridge: str, paths: Any) -> int:
     service = InnerService(
         reactor,
         bridge,
-        lambda port: TCP4ServerEndpoint(reactor, port, interface=SERVICE_ADDRESS),
+        lambda port: TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=SERVICE_ADDRESS),
         lambda: float(daemon.limits().grace_period),
         stop,
     )
-    link = InnerLink(reactor, on_config=service.set_ports, limits=daemon.limits())
+    link = InnerLink(reactor, on_config=service.set_ports, limits=daemon.limits(), bridge=bridge)
     os.set_blocking(LINK_FD, False)
     from tproxy.root import adopt_with
 
