@@ -139,6 +139,39 @@ class ReloadTests(MeshTestCase):
         self.assertEqual(self.proxies().get(f"one_tproxy_{br}"), inner)
         self.assertNotIn(f"one_tproxy_{br2}", self.proxies())
 
+    def test_reload_reopens_logs(self) -> None:
+        """After logrotate moved the logs, a reload makes root and inner write new files."""
+        self.host.serve_http(5030)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, 5030)})
+        self.start()
+        guest.wait_serving(5030)
+        for name in ("one_tproxy", f"one_tproxy_{br}"):
+            path = os.path.join(self.host.log_dir, name + ".log")
+            os.rename(path, path + ".1")
+        self.host.write_config(config_yaml([], debug_level=1))
+        self.host.tproxy("reload", check=True)
+        for name in ("one_tproxy", f"one_tproxy_{br}"):
+            path = os.path.join(self.host.log_dir, name + ".log")
+            wait_until(lambda p=path: os.path.exists(p), timeout=5, message=path)
+        # debug level 1 now: accepted connections (INFO/DEBUG) are no longer logged
+        guest.curl(guest.service_url(5030), check=True)
+        inner_log = self.host.log(f"one_tproxy_{br}")
+        self.assertNotIn("INFO", inner_log.split("reloaded", 1)[-1])
+
+    def test_restart(self) -> None:
+        """restart really stops, then starts new processes that serve."""
+        self.host.serve_http(5030)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, 5030)})
+        self.start()
+        guest.wait_serving(5030)
+        before = self.proxies()
+        self.host.tproxy("restart", check=True)
+        after = self.proxies()
+        self.assertEqual(sorted(after), sorted(before))
+        self.assertNotEqual(after["one_tproxy"], before["one_tproxy"])
+        self.assertFalse(is_alive(before["one_tproxy"]))
+        guest.wait_serving(5030)
+
     def test_last_bridge_removed(self) -> None:
         """A reload that removes the last bridge ends the mesh."""
         self.host.serve_http(5030)
