@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from attrs import define, field
 from twisted.trial import unittest
 
-from tproxy.daemonctl import EXIT_NOT_RUNNING, MeshControl, twistd_argv
+from tproxy.daemonctl import (
+    EXIT_NOT_RUNNING,
+    LockTimeoutError,
+    MeshControl,
+    control_lock,
+    twistd_argv,
+)
 from tproxy.model import Destination
 from tproxy.procs import Mesh, ProxyProcess
 from tproxy.settings import Paths
@@ -31,6 +39,7 @@ class World:
     spawn_inners: bool = True
     out: list[str] = field(factory=list)
     err: list[str] = field(factory=list)
+    locked: int = 0
 
     def find(self) -> Mesh:
         return Mesh(
@@ -58,6 +67,11 @@ class World:
                         self.procs.append(ProxyProcess(600 + i, bridge, 500))
         return self.twistd_rc, "boom" if self.twistd_rc else ""
 
+    @contextlib.contextmanager
+    def lock(self, paths: Paths) -> Iterator[None]:
+        self.locked += 1
+        yield
+
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
@@ -71,6 +85,7 @@ class World:
             grace_period=lambda paths: 10.0,
             sleep=self.sleep,
             monotonic=lambda: self.now,
+            lock=self.lock,
             out=self.out.append,
             err=self.err.append,
         )
@@ -197,3 +212,38 @@ class StopTests(unittest.TestCase):
         w2 = World(maps={"br0": {1: D}})
         self.assertEqual(w2.control().reload(), 0)
         self.assertEqual(len(w2.twistd_calls), 1)
+
+
+class LockTests(unittest.TestCase):
+    """The control lock serializes commands."""
+
+    def test_commands_take_the_lock(self) -> None:
+        """start, stop, restart and reload each hold the lock once (status does not)."""
+        w = World(maps={"br0": {1: D}})
+        c = w.control()
+        c.start(), c.reload(), c.restart(), c.stop(), c.status()
+        self.assertEqual(w.locked, 4)
+
+    def test_real_lock_excludes(self) -> None:
+        """A second holder waits, and gives up after the timeout with an error."""
+        paths = Paths("/c", "/l", os.path.abspath(self.mktemp()))
+        with control_lock(paths):
+            with self.assertRaises(LockTimeoutError):
+                with control_lock(paths, timeout=0.1):
+                    pass
+        with control_lock(paths, timeout=0.1):
+            pass
+
+    def test_lock_timeout_is_exit_1(self) -> None:
+        """A command that cannot get the lock exits 1 and says why."""
+        w = World()
+        c = w.control()
+
+        @contextlib.contextmanager
+        def busy(paths: Paths) -> Iterator[None]:
+            raise LockTimeoutError("held")
+            yield
+
+        c.lock = busy
+        self.assertEqual(c.stop(), 1)
+        self.assertIn("held", w.err[0])

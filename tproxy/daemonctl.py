@@ -17,12 +17,15 @@ did not), killing what outlives the grace period. The driver
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 
 from attrs import define, field
 
@@ -39,6 +42,40 @@ STOP_MARGIN = 5.0
 #: Seconds to wait for killed processes to disappear.
 KILL_WAIT = 3.0
 POLL = 0.05
+#: Seconds a command waits for another one holding the control lock.
+LOCK_TIMEOUT = 60.0
+
+
+class LockTimeoutError(Exception):
+    """Another ``one-tproxy`` command held the control lock too long."""
+
+
+@contextlib.contextmanager
+def control_lock(paths: Paths, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """``RUN_DIR/one_tproxy.lock``, held while a command starts or stops the mesh.
+
+    Two ``one-tproxy up`` for different bridges at once must not start two
+    root proxies. The lock file is never inherited by the daemon (close-on-exec).
+    """
+    os.makedirs(paths.run_dir, exist_ok=True)
+    fd = os.open(
+        os.path.join(paths.run_dir, "one_tproxy.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeoutError(
+                        f"another one-tproxy command holds {paths.run_dir}/one_tproxy.lock"
+                    ) from None
+                time.sleep(POLL)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_maps() -> MeshMap:
@@ -121,6 +158,7 @@ class MeshControl:
     grace_period: Callable[[Paths], float] = _grace_period
     sleep: Callable[[float], None] = time.sleep
     monotonic: Callable[[], float] = time.monotonic
+    lock: Callable[[Paths], AbstractContextManager[None]] = control_lock
     out: Callable[[str], None] = print
     err: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
 
@@ -165,8 +203,31 @@ class MeshControl:
             self.out(f"{p.title}: {p.pid}")
         return 0 if mesh.root is not None else EXIT_NOT_RUNNING
 
+    def _locked(self, command: Callable[[], int]) -> int:
+        try:
+            with self.lock(self.paths):
+                return command()
+        except LockTimeoutError as e:
+            self.err(f"one-tproxy: {e}")
+            return 1
+
     def start(self) -> int:
         """Start the mesh unless it runs (exit 0); with no endpoints start nothing."""
+        return self._locked(self._start)
+
+    def stop(self) -> int:
+        """SIGTERM to the root (and to orphans); wait until all are gone, kill leftovers."""
+        return self._locked(self._stop)
+
+    def restart(self) -> int:
+        """Stop (really waiting), then start."""
+        return self._locked(self._restart)
+
+    def reload(self) -> int:
+        """SIGHUP to the root proxy; start it when it does not run."""
+        return self._locked(self._reload)
+
+    def _start(self) -> int:
         if self.finder.find().root is not None:
             return 0
         maps = self._maps()
@@ -202,8 +263,7 @@ class MeshControl:
             )
         return 0
 
-    def stop(self) -> int:
-        """SIGTERM to the root (and to orphans); wait until all are gone, kill leftovers."""
+    def _stop(self) -> int:
         mesh = self.finder.find()
         maps = self._maps() or {}
         targets = self.ours(mesh, maps)
@@ -232,18 +292,16 @@ class MeshControl:
         )
         return 1
 
-    def restart(self) -> int:
-        """Stop (really waiting), then start."""
-        rc = self.stop()
+    def _restart(self) -> int:
+        rc = self._stop()
         if rc != 0:
             return rc
-        return self.start()
+        return self._start()
 
-    def reload(self) -> int:
-        """SIGHUP to the root proxy; start it when it does not run."""
+    def _reload(self) -> int:
         root = self.finder.find().root
         if root is None:
-            return self.start()
+            return self._start()
         self.kill(root, signal.SIGHUP)
         return 0
 

@@ -258,6 +258,9 @@ LINK_FD = 3
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the inner proxy; the exit status."""
+    # The root forwards its SIGHUPs; until our handler is in place, ignore them
+    # (the default action would kill the process).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_args(argv)
     from tproxy.model import InvalidBridgeNameError, check_bridge_name
     from tproxy.spawn import NamespaceError, enter_netns

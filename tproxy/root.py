@@ -52,6 +52,8 @@ log = Logger(namespace="tproxy.root")
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 30.0
+#: An inner proxy younger than this (seconds) gets no forwarded SIGHUP.
+HUP_AFTER = 1.0
 #: Extra seconds a stop waits for an inner proxy beyond the grace period before SIGKILL.
 KILL_MARGIN = 2.0
 
@@ -254,6 +256,15 @@ class InnerSupervisor(Service):
         if self.process is not None:
             self.process.signal(signum)
 
+    def forward_hup(self) -> None:
+        """SIGHUP to the inner proxy unless it started a moment ago.
+
+        A process that young read the configuration at its start, and may not
+        have its SIGHUP handler in place yet.
+        """
+        if self.process is not None and self._reactor.seconds() - self._started_at >= HUP_AFTER:
+            self.process.signal(signal.SIGHUP)
+
     def stopService(self) -> Deferred[None]:
         """Graceful: go-away and SIGTERM; SIGKILL after the grace period and a margin."""
         super().stopService()
@@ -410,7 +421,7 @@ class RootService(MultiService):
             return
         self._apply(maps)
         for sup in self.supervisors().values():
-            sup.signal(signal.SIGHUP)
+            sup.forward_hup()
 
 
 class _OneProtocol(Factory):

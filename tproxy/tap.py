@@ -93,13 +93,15 @@ class RootDaemon(MultiService):
         self._reactor.callFromThread(self.root.reload)
 
     def privilegedStartService(self) -> None:
+        # The handler first: once titled, `one-tproxy reload` may find us and
+        # SIGHUP's default action would kill the process.
+        signal.signal(signal.SIGHUP, self._hup)
+        self.runtime.prepare(begin_logging=False)
+        self.root.settings = self.runtime.config
         if self._set_title:
             import setproctitle
 
             setproctitle.setproctitle(ROOT_TITLE)
-        self.runtime.prepare(begin_logging=False)
-        self.root.settings = self.runtime.config
-        signal.signal(signal.SIGHUP, self._hup)
         super().privilegedStartService()
 
 
