@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tproxy.inner import InnerService, parse_args
+from tproxy.inner import InnerService, _Hangups, parse_args
 
 
 @define(eq=False)
@@ -203,3 +203,23 @@ class InnerStopTests(unittest.TestCase):
         h = Harness()
         h.link.closed.callback(None)
         self.assertTrue(h.service.stopService().called)
+
+
+class HangupTests(unittest.TestCase):
+    """SIGHUP before and after the reactor exists."""
+
+    def test_noted_then_run(self) -> None:
+        """A SIGHUP before the reactor is run once the reactor runs; later ones each run."""
+        from twisted.internet.testing import MemoryReactor
+
+        calls: list[int] = []
+        hup = _Hangups()
+        hup.signalled(1, None)
+        hup.signalled(1, None)
+        reactor = MemoryReactor()
+        reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[method-assign]
+        hup.attach(reactor, lambda: calls.append(1))
+        self.assertEqual(len(reactor.whenRunningHooks), 1)
+        reactor.run()
+        hup.signalled(1, None)
+        self.assertEqual(calls, [1, 1])

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tproxy.procs import Mesh, ProcFinder, ProxyProcess, parse_title
+from tproxy.procs import Mesh, ProcFinder, ProxyProcess, has_title, parse_title
 
 
 class ParseTitleTests(unittest.TestCase):
@@ -113,3 +113,10 @@ class FakeProcTests(unittest.TestCase):
         """A ProxyProcess names its title."""
         self.assertEqual(ProxyProcess(1, "x").title, "one_tproxy_x")
         self.assertEqual(ProxyProcess(1, None).title, "one_tproxy")
+
+    def test_has_title(self) -> None:
+        """has_title compares a process's title; a missing process has none."""
+        self._proc("30", b"one_tproxy_br0\0\0", "br0")
+        self.assertTrue(has_title(30, "one_tproxy_br0", proc_dir=self.proc))
+        self.assertFalse(has_title(30, "one_tproxy", proc_dir=self.proc))
+        self.assertFalse(has_title(31, "one_tproxy_br0", proc_dir=self.proc))

@@ -281,13 +281,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NamespaceError as e:
         print(f"{title}: {e}", file=sys.stderr)
         return 2
+    # Order matters (the root forwards SIGHUP only to a titled inner proxy):
+    # handler, then title, then the configuration is read. A SIGHUP the root
+    # held back came before our title, so before we read the configuration.
+    hup = _Hangups()
+    signal.signal(signal.SIGHUP, hup.signalled)
     import setproctitle
 
     setproctitle.setproctitle(title)
-    return _run(bridge, args.paths)
+    return _run(bridge, args.paths, hup)
 
 
-def _run(bridge: str, paths: Any) -> int:
+class _Hangups:
+    """SIGHUP handling that works before the reactor exists (then it only notes it)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.reactor: Any = None
+        self.action: Callable[[], None] | None = None
+
+    def signalled(self, signum: int, frame: object) -> None:
+        if self.reactor is not None and self.action is not None:
+            self.reactor.callFromThread(self.action)
+        else:
+            self.pending = True
+
+    def attach(self, reactor: Any, action: Callable[[], None]) -> None:
+        """From now on each SIGHUP runs ``action`` in the reactor; one noted before, too."""
+        self.reactor = reactor
+        self.action = action
+        if self.pending:
+            self.pending = False
+            reactor.callWhenRunning(action)
+
+
+def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     from tproxy import runtime
 
     title = namespace_name(bridge)
@@ -322,10 +350,7 @@ def _run(bridge: str, paths: Any) -> int:
     os.close(LINK_FD)
     service.attach(link)
 
-    def hup(signum: int, frame: object) -> None:
-        reactor.callFromThread(daemon.reload)
-
-    signal.signal(signal.SIGHUP, hup)
+    hup.attach(reactor, daemon.reload)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
     log.info("inner proxy {title} started (pid {pid})", title=title, pid=os.getpid())

@@ -199,3 +199,12 @@ class ProcFinder:
         """True while ``pid`` exists and is not a zombie."""
         state = self._stat(pid)
         return state is not None and state[0] not in ("Z", "X")
+
+
+def has_title(pid: int, title: str, proc_dir: str = "/proc") -> bool:
+    """Whether process ``pid`` runs now under the process title ``title``."""
+    try:
+        with open(os.path.join(proc_dir, str(pid), "cmdline"), "rb") as f:
+            return parse_title(f.read(4096)) == title
+    except OSError:
+        return False

@@ -42,7 +42,8 @@ from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from tproxy.model import Destination, MeshMap, ServiceMap
+from tproxy.model import Destination, MeshMap, ServiceMap, namespace_name
+from tproxy.procs import has_title
 from tproxy.spawn import InnerProcess, Launcher
 
 log = Logger(namespace="tproxy.root")
@@ -52,8 +53,6 @@ log = Logger(namespace="tproxy.root")
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 30.0
-#: An inner proxy younger than this (seconds) gets no forwarded SIGHUP.
-HUP_AFTER = 1.0
 #: Extra seconds a stop waits for an inner proxy beyond the grace period before SIGKILL.
 KILL_MARGIN = 2.0
 
@@ -132,8 +131,10 @@ class InnerSupervisor(Service):
         make_link: LinkFactory,
         adopt: Adopt,
         backoff: Backoff = Backoff(),
+        ready: Callable[[int, str], bool] = has_title,
     ) -> None:
         self.name = bridge
+        self._ready = ready
         self.bridge = bridge
         self.services: dict[int, Destination] = dict(services)
         self._reactor = reactor
@@ -257,13 +258,19 @@ class InnerSupervisor(Service):
             self.process.signal(signum)
 
     def forward_hup(self) -> None:
-        """SIGHUP to the inner proxy unless it started a moment ago.
+        """SIGHUP to the inner proxy once it is ready for one.
 
-        A process that young read the configuration at its start, and may not
-        have its SIGHUP handler in place yet.
+        An inner proxy takes its process title only after its SIGHUP handler is
+        in place and before it reads the configuration; one still untitled will
+        read the configuration anyway, and the signal could kill it.
         """
-        if self.process is not None and self._reactor.seconds() - self._started_at >= HUP_AFTER:
-            self.process.signal(signal.SIGHUP)
+        process = self.process
+        if process is None or process.pid is None:
+            return
+        if self._ready(process.pid, namespace_name(self.bridge)):
+            process.signal(signal.SIGHUP)
+        else:
+            log.debug("bridge {bridge}: inner proxy still starting; no SIGHUP", bridge=self.bridge)
 
     def stopService(self) -> Deferred[None]:
         """Graceful: go-away and SIGTERM; SIGKILL after the grace period and a margin."""
@@ -311,8 +318,10 @@ class RootService(MultiService):
         on_empty: Callable[[], None],
         log_control: LogControl | None = None,
         backoff: Backoff = Backoff(),
+        ready: Callable[[int, str], bool] = has_title,
     ) -> None:
         super().__init__()
+        self._ready = ready
         self._reactor = reactor
         self._read_maps = read_maps
         self._load_settings = load_settings
@@ -391,6 +400,7 @@ class RootService(MultiService):
                     self._make_link,
                     self._adopt,
                     self._backoff,
+                    self._ready,
                 ).setServiceParent(self)
         if not maps:
             self._empty()
