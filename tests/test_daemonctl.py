@@ -40,6 +40,7 @@ class World:
     out: list[str] = field(factory=list)
     err: list[str] = field(factory=list)
     locked: int = 0
+    templates: dict[int, int] = field(factory=dict)
 
     def find(self) -> Mesh:
         return Mesh(
@@ -48,6 +49,11 @@ class World:
 
     def alive(self, pid: int) -> bool:
         return any(p.pid == pid for p in self.procs)
+
+    def parent(self, pid: int) -> int | None:
+        if pid in self.templates:
+            return self.templates[pid]
+        return next((p.ppid for p in self.procs if p.pid == pid), None)
 
     def kill(self, pid: int, signum: int) -> None:
         self.signals.append((pid, signum))
@@ -106,6 +112,15 @@ class StatusTests(unittest.TestCase):
         )
         self.assertEqual(w.control().status(), 0)
         self.assertEqual(w.out, ["one_tproxy: 5", "one_tproxy_br0: 6", "one_tproxy_br1: 7"])
+
+    def test_inners_of_the_template(self) -> None:
+        """Inners forked by the root's template process are the root's."""
+        w = World(
+            procs=[ProxyProcess(5, None, 1), ProxyProcess(8, "br0", 6), ProxyProcess(9, "br1", 7)],
+            templates={6: 5, 7: 99},
+        )
+        self.assertEqual(w.control().status(), 0)
+        self.assertEqual(w.out, ["one_tproxy: 5", "one_tproxy_br0: 8"])
 
     def test_not_running(self) -> None:
         """No root: exit 3; orphans of this host's bridges are still shown."""

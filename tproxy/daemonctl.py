@@ -171,19 +171,33 @@ class MeshControl:
             return None
         return {bridge: dict(m) for bridge, m in maps.items() if m}
 
+    def _root_of(self, p: ProxyProcess, roots: set[int]) -> int | None:
+        """The root that started inner ``p``: its parent, or its parent's parent (template)."""
+        if p.ppid in roots:
+            return p.ppid
+        grand = self.finder.parent(p.ppid) if p.ppid > 1 else None
+        return grand if grand in roots else None
+
     def ours(self, mesh: Mesh, maps: Mapping[str, object] | None = None) -> list[ProxyProcess]:
         """The processes of this host: its roots, their inners, orphans of our bridges."""
         roots = [p for p in mesh.processes if p.bridge is None]
         root_pids = {p.pid for p in roots}
-        inners = [p for p in mesh.processes if p.bridge is not None and p.ppid in root_pids]
+        inners = [
+            p
+            for p in mesh.processes
+            if p.bridge is not None and self._root_of(p, root_pids) is not None
+        ]
         if maps is not None:
-            inners += [
-                p
-                for p in mesh.processes
-                if p.bridge in maps and p.ppid not in root_pids and p not in inners
-            ]
+            inners += [p for p in mesh.processes if p.bridge in maps and p not in inners]
         inners.sort(key=lambda p: (p.bridge or "", p.pid))
         return roots + inners
+
+    def _bridges_of(self, mesh: Mesh, root: int) -> set[str]:
+        return {
+            p.bridge
+            for p in mesh.processes
+            if p.bridge is not None and self._root_of(p, {root}) == root
+        }
 
     def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
         deadline = self.monotonic() + timeout
@@ -244,8 +258,7 @@ class MeshControl:
             mesh = self.finder.find()
             if mesh.root is None:
                 return False
-            children = {p.bridge for p in mesh.children_of(mesh.root)}
-            return set(maps) <= children
+            return set(maps) <= self._bridges_of(mesh, mesh.root)
 
         if not self._wait(up, START_TIMEOUT):
             mesh = self.finder.find()
@@ -255,7 +268,7 @@ class MeshControl:
                     f"{os.path.join(self.paths.log_dir, 'one_tproxy.log')}"
                 )
                 return 1
-            missing = sorted(set(maps) - {p.bridge for p in mesh.children_of(mesh.root)})
+            missing = sorted(set(maps) - self._bridges_of(mesh, mesh.root))
             self.err(
                 "one-tproxy start: inner proxies not up yet for "
                 + ", ".join(missing)
@@ -271,7 +284,7 @@ class MeshControl:
             return 0
         root = mesh.root
         for p in targets:
-            if p.bridge is None or p.ppid != root:
+            if p.bridge is None or root is None or self._root_of(p, {root}) != root:
                 self.kill(p.pid, signal.SIGTERM)
         pids = [p.pid for p in targets]
 

@@ -99,6 +99,10 @@ class ProcessFinder(Protocol):
         """Whether ``pid`` still runs (and is no zombie)."""
         ...
 
+    def parent(self, pid: int) -> int | None:
+        """The parent PID of ``pid``, None when it is gone."""
+        ...
+
 
 def parse_title(cmdline: bytes) -> str | None:
     """The process title in a ``/proc/PID/cmdline``, if it is a proxy's, else None.
@@ -194,6 +198,11 @@ class ProcFinder:
             return fields[0].decode("ascii", "replace"), int(fields[1])
         except ValueError:
             return None
+
+    def parent(self, pid: int) -> int | None:
+        """The parent PID of ``pid``, None when it is gone."""
+        state = self._stat(pid)
+        return None if state is None else state[1]
 
     def alive(self, pid: int) -> bool:
         """True while ``pid`` exists and is not a zombie."""

@@ -22,13 +22,15 @@ from tproxy import settings
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
 from tproxy.runtime import DaemonRuntime
-from tproxy.spawn import Launcher, SpawnLauncher
+from tproxy.spawn import Launcher, SpawnLauncher, TemplateLauncher
 
 log = Logger(namespace="tproxy.tap")
 
 
 class Options(usage.Options):
     """Command-line options of ``twistd one-tproxy`` (the same as ``one-tproxy``'s)."""
+
+    optFlags = [["spawn", None, "start inner proxies as fresh interpreters, not from a template"]]
 
     optParameters = [
         ["config", "c", None, "configuration file"],
@@ -57,12 +59,15 @@ class RootDaemon(MultiService):
         self._set_title = set_title
         self.runtime = DaemonRuntime(ROOT_TITLE, paths)
         self._nft: Any = None
+        if launcher is None:
+            launcher = TemplateLauncher(reactor, paths)
+        self.launcher = launcher
         self.root = RootService(
             reactor,
             self._read_maps,
             self.runtime.config,
             self.runtime.load,
-            launcher if launcher is not None else SpawnLauncher(reactor, paths),
+            launcher,
             self._make_link,
             adopt_with(reactor),
             self._exit,
@@ -105,8 +110,26 @@ class RootDaemon(MultiService):
         super().privilegedStartService()
 
 
+    def stopService(self) -> Any:
+        """Stop the inner proxies (gracefully), then let the template go."""
+        d = super().stopService()
+
+        def release(result: object) -> object:
+            close = getattr(self.launcher, "close", None)
+            if close is not None:
+                close()
+            return result
+
+        return d.addBoth(release) if d is not None else release(None)
+
+
 def makeService(options: Options) -> IService:
-    """Build the root proxy's service tree."""
+    """Build the root proxy's service tree.
+
+    ``--spawn`` starts each inner proxy as a fresh interpreter instead of
+    forking it from the template (more memory, nothing shared).
+    """
     from twisted.internet import reactor
 
-    return RootDaemon(reactor, options.paths)
+    launcher = SpawnLauncher(reactor, options.paths) if options["spawn"] else None
+    return RootDaemon(reactor, options.paths, launcher=launcher)

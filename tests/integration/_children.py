@@ -39,6 +39,12 @@ def _fd3(bridge: str) -> None:
         sock.sendall(data)
 
 
+def fd3_main(argv: list[str]) -> int:
+    """The fd3 program as a template's entry (``--entry tests.integration._children:fd3_main``)."""
+    _fd3(argv[0])
+    return 0
+
+
 def _echo(addr: str, port: int) -> None:
     import asyncio
 
