@@ -93,6 +93,9 @@ class FakeTransport:
         self._check_full()
 
     def loseConnection(self) -> None:
+        # A real FileDescriptor with a paused streaming producer resumes it instead of
+        # closing once its buffer drains: closing with a producer registered can hang.
+        assert self.producer is None, "loseConnection with a producer still registered"
         self.disconnecting = True
 
     def loseWriteConnection(self) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import textwrap
 
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.logger import LogLevel
 from twisted.trial import unittest
 
@@ -520,7 +523,7 @@ class LimitsTests(unittest.TestCase):
     def test_invalid_values_warn_and_default(self) -> None:
         """A bad value gives a warning naming the key and the default is used."""
         bad = {
-            ":tproxy_max_connections": ["0", "-5", "1.5", "many", "true", "[1]"],
+            ":tproxy_max_connections": ["0", "-5", "1.5", "many", "true", "[1]", "1" + "0" * 400],
             ":tproxy_max_connections_per_guest": ["0", "x"],
             ":tproxy_connect_timeout": ["0", "-1", ".nan", ".inf", "soon", "true"],
             ":tproxy_idle_timeout": ["-1", "true", "later", ".inf"],
@@ -614,6 +617,21 @@ class FileErrorTests(unittest.TestCase):
             cfg = load_config(self.write(data))
             self.assertEqual((cfg.endpoints, cfg.applicable()), ((), {}))
 
+    def test_nested_too_deeply(self) -> None:
+        """A pathologically nested document is an error, not a crash."""
+        path = self.write(b":tproxy: " + b"[" * 5000 + b"]" * 5000 + b"\n")
+        self.assertConfigError(path, "nested too deeply")
+
+    def test_several_documents(self) -> None:
+        """A file with several YAML documents is an error with the line of the second."""
+        path = self.write(b":a: 1\n---\n:b: 2\n")
+        self.assertEqual(self.assertConfigError(path, "not valid YAML").line, 2)
+
+    def test_python_tags_refused(self) -> None:
+        """Tags that would build Python objects are refused (safe loading)."""
+        path = self.write(b":tproxy: !!python/object/apply:os.system ['true']\n")
+        self.assertConfigError(path, "line 1", "not valid YAML")
+
     def test_one_line_message(self) -> None:
         """ConfigError's text folds whitespace into one line."""
         e = ConfigError("/f", "a\nb\n  c", 3)
@@ -626,3 +644,74 @@ class FileErrorTests(unittest.TestCase):
             self.write(b":tproxy:\n" + entry(80, extra="  :networks: [réseau]\n").encode())
         )
         self.assertEqual(list(cfg.applicable("réseau")), [80])
+
+
+# -- robustness: whatever the file holds, the loader answers Config or ConfigError -----------
+
+_KEYS = [
+    ":tproxy",
+    ":tproxy_debug_level",
+    ":tproxy_max_connections",
+    ":tproxy_max_connections_per_guest",
+    ":tproxy_connect_timeout",
+    ":tproxy_idle_timeout",
+    ":tproxy_grace_period",
+    ":service_port",
+    ":remote_addr",
+    ":remote_port",
+    ":networks",
+    "other",
+]
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.just(10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["5030", " 80 ", "localhost", "10.0.0.1", "a.example", "0", "3"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.sampled_from(_KEYS), children, max_size=5),
+    ),
+    max_leaves=20,
+)
+
+
+def _fake_resolve(host: str) -> str:
+    if host.startswith("a"):
+        raise ResolveError("no")
+    return "192.0.2.1"
+
+
+class RobustnessTests(unittest.TestCase):
+    """Arbitrary documents and bytes never make the loader fail in another way."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.sampled_from(_KEYS), _values, max_size=8))
+    def test_any_document(self, document: dict[str, object]) -> None:
+        """Any YAML mapping gives a Config or a ConfigError, and applicable() never raises."""
+        text = yaml.safe_dump(document)
+        try:
+            cfg = parse_config(text, "/f")
+        except ConfigError as e:
+            self.assertNotIn("\n", str(e))
+            return
+        self.assertIn(cfg.debug_level, range(4))
+        for network, network_id in [(None, None), ("a", "3"), ("other", "0")]:
+            service_map = cfg.applicable(network, network_id, resolve=_fake_resolve)
+            for port, dest in service_map.items():
+                self.assertTrue(1 <= port <= 65535)
+                self.assertIsInstance(dest, Destination)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=200))
+    def test_any_bytes(self, data: bytes) -> None:
+        """Any bytes give a Config or a one-line ConfigError."""
+        try:
+            parse_config(data, "/f")
+        except ConfigError as e:
+            self.assertNotIn("\n", str(e))

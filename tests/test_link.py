@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from attrs import frozen
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
@@ -10,21 +11,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.fake_transport import FakeTransport
+from tproxy.config import Limits
 from tproxy.link import InnerLink, RootLink
 from tproxy.model import Destination
 from tproxy.protocol import frames as fr
 from tproxy.protocol.frames import Reason
 
 DEST = Destination("10.11.12.13", 5030)
-
-
-@frozen
-class Limits:
-    """The limits the links read (tproxy.config.Limits has the same fields)."""
-
-    max_streams_per_bridge: int = 100
-    max_streams_per_guest: int = 50
-    connect_timeout: float = 5.0
 
 
 class Harness:
@@ -181,6 +174,32 @@ class OpenTests(unittest.TestCase):
         g1.protocol.dataReceived(b"ping")
         h.pump()
         self.assertEqual(s1.take(), b"ping")
+
+    def test_lookup_failure(self) -> None:
+        """A lookup that raises refuses the stream (INTERNAL_ERROR) and keeps the link."""
+        h = Harness()
+
+        def broken(port: int) -> Destination | None:
+            raise RuntimeError("map unreadable")
+
+        h.root.lookup = broken
+        g = h.guest()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.INTERNAL_ERROR: 1})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(h.rt.disconnecting)
+
+    def test_endpoint_failure(self) -> None:
+        """An endpoint that cannot even be built refuses the stream as unreachable."""
+        h = Harness()
+
+        def no_endpoint(dest: Destination) -> object:
+            raise ValueError("bad destination")
+
+        h.root._endpoint_for = no_endpoint  # type: ignore[assignment]
+        g = h.guest()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.UNREACHABLE: 1})
 
     def test_too_many_streams_per_bridge(self) -> None:
         """Beyond the bridge's stream limit a new guest is reset, the others stay."""
@@ -401,6 +420,19 @@ class LinkLifeTests(unittest.TestCase):
         h.pump()
         self.assertEqual(h.configs, [frozenset({22, 5030})])
 
+    def test_config_callback_failure(self) -> None:
+        """A config callback that raises is logged; the link stays up."""
+        h = Harness()
+
+        def broken(ports: frozenset[int]) -> None:
+            raise RuntimeError("cannot listen")
+
+        h.inner.on_config = broken
+        h.root.push_config([5030])
+        h.pump()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(h.it.disconnecting)
+
     def test_config_before_connection(self) -> None:
         """Config pushed before the link is connected goes out once it is."""
         reactor = MemoryReactorClock()
@@ -483,6 +515,27 @@ class LinkLifeTests(unittest.TestCase):
         self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
         self.assertEqual((h.root_closed, h.inner_closed), ([None], [None]))
 
+    def test_idle_timeout(self) -> None:
+        """A stream with no data for the idle timeout is reset; a busy one is not."""
+        h = Harness(limits=Limits(idle_timeout=60.0))
+        g1, s1 = h.stream()
+        g2, s2 = h.stream()
+        for _ in range(3):
+            h.reactor.advance(30)
+            g2.protocol.dataReceived(b"tick")
+            h.pump()
+        self.assertFalse(s1.aborted)  # 90 s: one full idle period not yet seen by a sweep.
+        h.reactor.advance(30)
+        h.pump()
+        self.assertTrue(s1.aborted and g1.aborted)
+        self.assertFalse(s2.aborted or g2.aborted)
+        self.assertEqual(h.root.counters.resets_sent, {Reason.IDLE_TIMEOUT: 1})
+        self.assertEqual(h.inner.counters.resets_received, {Reason.IDLE_TIMEOUT: 1})
+        h.rt.peer_reset()
+        h.it.peer_reset()
+        h.pump()
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
     def test_guest_before_link(self) -> None:
         """A guest accepted before the link is connected is reset."""
         reactor = MemoryReactorClock()
@@ -491,3 +544,149 @@ class LinkLifeTests(unittest.TestCase):
         t = FakeTransport(proto)
         proto.makeConnection(t)
         self.assertTrue(t.aborted)
+
+
+class _Pair:
+    """One guest connection and (once connected) its service connection, with what each sent."""
+
+    def __init__(self, guest: FakeTransport, index: int) -> None:
+        self.guest = guest
+        self.index = index  # Its connect attempt in reactor.tcpClients.
+        self.service: FakeTransport | None = None
+        self.to_service = bytearray()
+        self.to_guest = bytearray()
+        self.got_service = bytearray()
+        self.got_guest = bytearray()
+        self.reset = False
+        self.g_eof = False
+        self.s_eof = False
+
+
+class RandomSpliceTests(unittest.TestCase):
+    """Random interleavings of guest and service actions keep every invariant."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        steps=st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "new",
+                        "connect",
+                        "gdata",
+                        "sdata",
+                        "geof",
+                        "seof",
+                        "greset",
+                        "sreset",
+                        "gdrain",
+                        "sdrain",
+                        "glimit",
+                        "slimit",
+                        "ulimit",
+                        "pump",
+                    ]
+                ),
+                st.integers(0, 5),
+                st.integers(1, 9000),
+            ),
+            max_size=60,
+        )
+    )
+    def test_random_actions(self, steps: list[tuple[str, int, int]]) -> None:
+        """Bytes of streams never reset arrive intact, every stream ends, nothing errs."""
+        h = Harness(window=4096)
+        pairs: list[_Pair] = []
+        counter = 0
+
+        def live(p: _Pair, t: FakeTransport | None) -> bool:
+            return t is not None and not t.lost and not t.disconnecting
+
+        def drain(p: _Pair) -> None:
+            p.got_guest += p.guest.take()
+            if p.service is not None:
+                p.got_service += p.service.take()
+
+        for action, i, n in steps:
+            p = pairs[i % len(pairs)] if pairs else None
+            if action == "new" or p is None:
+                if len(pairs) < 6:
+                    pairs.append(_Pair(h.guest(gport=len(pairs) + 1), len(pairs)))
+                continue
+            g, s = p.guest, p.service
+            if action == "connect":
+                if s is None and not p.reset and not g.lost and p.index < len(h.reactor.tcpClients):
+                    p.service = h.service(index=p.index)
+            elif action in ("gdata", "sdata"):
+                t = g if action == "gdata" else s
+                if t is not None and live(p, t) and t.reading:
+                    if (action == "gdata" and p.g_eof) or (action == "sdata" and p.s_eof):
+                        continue
+                    data = bytes((counter + k) % 256 for k in range(n))
+                    counter += n
+                    (p.to_service if action == "gdata" else p.to_guest).extend(data)
+                    t.protocol.dataReceived(data)
+            elif action in ("geof", "seof"):
+                t = g if action == "geof" else s
+                done = p.g_eof if action == "geof" else p.s_eof
+                if t is not None and live(p, t) and t.reading and not done:
+                    if action == "geof":
+                        p.g_eof = True
+                    else:
+                        p.s_eof = True
+                    t.peer_eof()
+            elif action in ("greset", "sreset"):
+                t = g if action == "greset" else s
+                if t is not None and not t.lost:
+                    p.reset = True
+                    t.peer_reset()
+            elif action in ("gdrain", "sdrain"):
+                drain(p)
+            elif action in ("glimit", "slimit"):
+                t = g if action == "glimit" else s
+                if t is not None:
+                    t.set_limit(None if t.limit is not None else n % 5000)
+            elif action == "ulimit":
+                h.drain_unix = not h.drain_unix
+            h.pump()
+
+        # Wind down: everything drains, every live stream gets its FINs.
+        h.drain_unix = True
+        h.pump()
+        for p in pairs:
+            for t in (p.guest, p.service):
+                if t is not None:
+                    t.set_limit(None)
+            if p.service is None and not p.reset and not p.guest.lost:
+                p.service = h.service(index=p.index)
+        for _ in range(200):
+            h.pump()
+            for p in pairs:
+                drain(p)
+            h.pump()
+            if not any(
+                p.guest.written or (p.service is not None and p.service.written) for p in pairs
+            ):
+                break
+        for p in pairs:
+            for attr, t in (("g_eof", p.guest), ("s_eof", p.service)):
+                if t is not None and not getattr(p, attr) and live(p, t):
+                    setattr(p, attr, True)
+                    self.assertTrue(t.reading, "a drained stream must be readable again")
+                    t.peer_eof()
+                    h.pump()
+        for _ in range(200):
+            for p in pairs:
+                drain(p)
+            h.pump()
+        for p in pairs:
+            aborted = p.guest.aborted or (p.service is not None and p.service.aborted)
+            if not p.reset and not aborted:
+                self.assertEqual(p.got_service, p.to_service)
+                self.assertEqual(p.got_guest, p.to_guest)
+            self.assertTrue(p.guest.lost)
+            if p.service is not None:
+                self.assertTrue(p.service.lost)
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual((h.root.conn.stream_count, h.inner.conn.stream_count), (0, 0))
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -5,18 +5,19 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import sys
 import types
 from contextlib import redirect_stderr
 
-from twisted.application.service import MultiService
-from twisted.logger import LogBeginner, Logger, LogLevel, LogPublisher
+from twisted.application.service import Application, IServiceCollection, MultiService
+from twisted.logger import ILogObserver, LogBeginner, Logger, LogLevel, LogPublisher
 from twisted.trial import unittest
 
 from tproxy.logs import (
     CLIObserver,
     DaemonLog,
-    LogService,
+    DaemonLogRoot,
     begin_daemon_logging,
     cli_logging,
     format_event_line,
@@ -362,23 +363,83 @@ class BeginTests(unittest.TestCase):
         self.assertIn("[tproxy.test] late\n", text)
         self.assertIn("printed", text)
 
-    def test_log_service(self) -> None:
-        """LogService installs the log at creation and uninstalls and closes it on stop."""
+    def test_root_becomes_application_observer(self) -> None:
+        """Added to a twistd Application, DaemonLogRoot makes its log the ILogObserver."""
         log_dir = self.mktemp()
         os.mkdir(log_dir)
-        publisher = LogPublisher()
-        log = Logger(namespace="tproxy.test", observer=publisher)
         d = DaemonLog(log_dir, "one_tproxy")
-        root = MultiService()
-        LogService(d, publisher).setServiceParent(root)
-        log.info("building")
-        root.startService()
-        log.info("running")
-        root.stopService()
-        log.info("after")
-        self.assertFalse(d.writing)
-        with open(d.path) as f:
+        self.addCleanup(d.close)
+        application = Application("one-tproxy")
+        root = DaemonLogRoot(d)
+        root.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), d)
+        self.assertIn(root, list(IServiceCollection(application)))
+
+    def test_root_under_plain_parent(self) -> None:
+        """Under an ordinary MultiService, DaemonLogRoot leaves logging alone."""
+        parent = MultiService()
+        d = DaemonLog(self.mktemp(), "x", complain=io.StringIO())
+        DaemonLogRoot(d).setServiceParent(parent)
+        self.assertEqual(len(list(parent)), 1)
+
+
+TAC = """\
+from twisted.application.service import Application
+from twisted.internet import reactor
+from twisted.logger import Logger, LogLevel
+from tproxy.logs import DaemonLog, DaemonLogRoot
+
+Logger(namespace="tac").warn("built before logging began")
+application = Application("one-tproxy")
+DaemonLogRoot(DaemonLog({log_dir!r}, "one_tproxy", LogLevel.info)).setServiceParent(application)
+
+def fail():
+    raise RuntimeError("boom in a timed call")
+
+def later():
+    print("printed on stdout")
+    Logger(namespace="tac").debug("filtered out")
+    reactor.callLater(0, fail)
+    reactor.callLater(0.1, reactor.stop)
+
+reactor.callWhenRunning(later)
+"""
+
+
+class TwistdTests(unittest.TestCase):
+    """The root proxy's logging under a real twistd."""
+
+    def test_twistd_logs_to_file(self) -> None:
+        """twistd logs only to LOG_DIR/one_tproxy.log: each early event once, stdout, failures."""
+        work = os.path.abspath(self.mktemp())
+        os.mkdir(work)
+        tac = os.path.join(work, "app.tac")
+        with open(tac, "w") as f:
+            f.write(TAC.format(log_dir=work))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "-y",
+                tac,
+            ],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(sorted(os.listdir(work)), ["app.tac", "one_tproxy.log"])
+        with open(os.path.join(work, "one_tproxy.log")) as f:
             text = f.read()
-        self.assertIn("building", text)
-        self.assertIn("running", text)
-        self.assertNotIn("after", text)
+        self.assertEqual(text.count("built before logging began"), 1, text)
+        self.assertIn(" WARNING [tac] built before logging began\n", text)
+        self.assertIn("twistd", text)
+        self.assertIn("printed on stdout", text)
+        self.assertIn("builtins.RuntimeError: boom in a timed call", text)
+        self.assertIn("Traceback", text)
+        self.assertNotIn("filtered out", text)
+        self.assertEqual(proc.stdout, "")

@@ -295,6 +295,8 @@ def _load_yaml(data: bytes | str, path: str) -> tuple[yaml.Node | None, Any]:
         raise ConfigError(path, f"not a YAML text file: {e.reason} at byte {e.position}")
     except yaml.YAMLError as e:
         raise ConfigError(path, f"not valid YAML: {e}")
+    except RecursionError:
+        raise ConfigError(path, "not usable YAML: nested too deeply")
     return node, document
 
 
@@ -415,14 +417,14 @@ def _number(value: object) -> float | None:
     """An int/float (or a string holding one), finite; None otherwise."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            number = float(value)
+        elif isinstance(value, str):
             number = float(value.strip())
-        except ValueError:
+        else:
             return None
-    else:
+    except (ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 

@@ -27,7 +27,7 @@ from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -70,6 +70,8 @@ class LinkLimits(TypingProtocol):
     def max_streams_per_guest(self) -> int: ...
     @property
     def connect_timeout(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float | None: ...
 
 
 @define
@@ -122,6 +124,7 @@ class _StreamProtocol(Protocol):
         self._tcp_full = False
         self._withheld = 0
         self.sent = 0  # TCP -> link
+        self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
         self.ended = False
 
@@ -176,6 +179,7 @@ class _StreamProtocol(Protocol):
         if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
             return
         self.sent += len(data)
+        self.active = True
         link.counters.bytes_to_link += len(data)
         conn = link.conn
         conn.send_data(self.stream_id, data)
@@ -201,6 +205,7 @@ class _StreamProtocol(Protocol):
 
     def _maybe_finish(self) -> None:
         if self._read_eof and self._write_done and self.transport is not None:
+            # Our producer was unregistered by close_write(), so this really closes.
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -214,6 +219,7 @@ class _StreamProtocol(Protocol):
     def deliver(self, data: bytes) -> None:
         """Stream data from the link: write it, credit it now or when the socket drains."""
         self.received += len(data)
+        self.active = True
         self.transport.write(data)  # type: ignore[union-attr]
         if self._tcp_full:
             self._withheld += len(data)
@@ -327,7 +333,7 @@ class LinkProtocol(Protocol):
                 message=str(e),
             )
             self.flush()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._close()
             return
         streams = self._streams
         for event in events:
@@ -410,12 +416,13 @@ class LinkProtocol(Protocol):
                 _bump(self.counters.resets_sent, Reason.ABORTED)
                 self.flush()
         self._log.debug(
-            "{link}: stream {sid} closed ({guest} port {port}): "
+            "{link}: stream {sid} closed (guest {guest}, service port {port}{dest}): "
             "{sent} bytes to the link, {received} bytes from it",
             link=self.name,
             sid=s.stream_id,
             guest=s.guest,
             port=s.service_port,
+            dest=f", destination {s.destination}" if s.destination is not None else "",
             sent=s.sent,
             received=s.received,
         )
@@ -474,7 +481,19 @@ class LinkProtocol(Protocol):
             and not self._lost
             and not conn.terminated
         ):
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self) -> None:
+        """Close the UNIX connection once its buffer is written.
+
+        The fan-in producer is unregistered first: a transport whose streaming
+        producer is paused resumes it instead of closing when its buffer drains,
+        and with no stream left nothing would ever write again.
+        """
+        t = self.transport
+        if t is not None:
+            t.unregisterProducer()  # type: ignore[attr-defined]
+            t.loseConnection()
 
 
 class RootLink(LinkProtocol):
@@ -511,6 +530,46 @@ class RootLink(LinkProtocol):
         self.limits = limits
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         self._per_guest: dict[str, int] = {}
+        self._idle_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        idle = self.limits.idle_timeout
+        if idle:
+            self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
+
+    def _idle_sweep(self, idle: float) -> None:
+        """Reset streams that moved no byte during the last ``idle`` seconds.
+
+        A stream idle for between ``idle`` and twice ``idle`` seconds is reset
+        (one sweep per period, one flag per stream: no timer per stream).
+        """
+        self._idle_call = None
+        if self._lost:
+            return
+        for s in list(self._streams.values()):
+            if s.active or s.transport is None:
+                s.active = False
+                continue
+            self._log.info(
+                "{link}: stream {sid} ({guest} -> {dest}) idle for {idle} seconds; resetting it",
+                link=self.name,
+                sid=s.stream_id,
+                guest=s.guest,
+                dest=str(s.destination),
+                idle=idle,
+            )
+            self.conn.reset(s.stream_id, Reason.IDLE_TIMEOUT)
+            _bump(self.counters.resets_sent, Reason.IDLE_TIMEOUT)
+            s.abort()
+        self.flush()
+        self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        super().connectionLost(reason)
 
     def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
@@ -543,7 +602,14 @@ class RootLink(LinkProtocol):
         sid, port, guest = event.stream_id, event.service_port, event.guest_host
         self.counters.opened += 1
         where = f"service port {port} from guest {guest}:{event.guest_port}"
-        dest = self.lookup(port)
+        try:
+            dest = self.lookup(port)
+        except Exception:
+            self._log.failure(
+                "{link}: looking up service port {port} failed", link=self.name, port=port
+            )
+            self._refuse(sid, Reason.INTERNAL_ERROR, f"{where}: the lookup failed")
+            return
         if dest is None:
             self._refuse(sid, Reason.UNKNOWN_SERVICE, f"{where}: no such service on this bridge")
             return
@@ -570,7 +636,10 @@ class RootLink(LinkProtocol):
         s.guest_ip = guest
         if self._link_paused:
             s._pause |= _PAUSE_LINK
-        d = connectProtocol(self._endpoint_for(dest), s)
+        try:
+            d = connectProtocol(self._endpoint_for(dest), s)
+        except Exception:
+            d = fail()
         s.connecting = d
         d.addErrback(self._connect_failed, s, where)
 
@@ -628,6 +697,8 @@ class RootLink(LinkProtocol):
 
 class _GuestFactory(Factory):
     """Builds the protocol of each guest connection accepted on one service port."""
+
+    noisy = False
 
     def __init__(self, link: InnerLink, service_port: int) -> None:
         self.link = link
@@ -727,4 +798,7 @@ class InnerLink(LinkProtocol):
                 link=self.name,
                 ports=sorted(event.service_ports),
             )
-            self.on_config(event.service_ports)
+            try:
+                self.on_config(event.service_ports)
+            except Exception:
+                self._log.failure("{link}: applying the service ports failed", link=self.name)

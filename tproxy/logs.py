@@ -23,17 +23,18 @@ How the daemons use it (see also docs/configuration.md):
       begin_daemon_logging(log)          # globalLogBeginner.beginLoggingTo([log])
       # on SIGHUP / reload:  log.reopen(); log.set_level(new_config.log_level)
 
-* Root proxy under twistd: build the ``DaemonLog`` in ``makeService`` and hand
-  it to twistd as the application's log observer through ``LogService``::
+* Root proxy under twistd: ``makeService`` builds the ``DaemonLog`` and returns
+  a ``DaemonLogRoot`` as the root of the service tree::
 
       log = DaemonLog(paths.log_dir, "one_tproxy", level)
-      root = MultiService(); LogService(log).setServiceParent(root)
+      root = DaemonLogRoot(log)           # a MultiService
+      RootProxyService(...).setServiceParent(root)
+      return root
 
-  ``LogService`` adds the observer to the global publisher as soon as it is
-  created (so ``makeService``'s own warnings are kept) and closes the file when
-  the service stops. twistd's own log observer still receives the events, so
-  start twistd with ``--logfile /dev/null`` (or ``--logfile -`` with ``-n`` to
-  also see them on stdout) to avoid a second copy in ``twistd.log``.
+  twistd finds the log as the application's ``ILogObserver`` and logs only to
+  it (no ``twistd.log``; ``--logfile`` is then ignored), with the events from
+  before logging began replayed once. On SIGHUP: ``root.log.reopen()`` and
+  ``root.log.set_level(...)``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.logger import (
     ILogObserver,
     LogBeginner,
@@ -56,6 +57,7 @@ from twisted.logger import (
     globalLogBeginner,
     globalLogPublisher,
 )
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -329,29 +331,33 @@ def begin_daemon_logging(
     beginner.beginLoggingTo([log], discardBuffer=False, redirectStandardIO=redirect_stdio)
 
 
-class LogService(Service):
-    """Keeps a DaemonLog installed for a service tree's life (root proxy under twistd).
+class DaemonLogRoot(MultiService):
+    """Root of a daemon's service tree that owns its DaemonLog (root proxy under twistd).
 
-    The observer is installed when the service is created, so warnings logged while
-    the tree is built reach the file; stopping the service uninstalls and closes it.
+    When the tree is added to a twistd ``Application`` (``makeService`` returns
+    it; twistd calls ``setServiceParent(application)``), the log becomes the
+    application's ``ILogObserver``: twistd then logs to it instead of
+    ``twistd.log``/stdout - messages from before (``makeService``'s own
+    warnings included) are replayed into it once, and stdout/stderr are
+    redirected into it. Added to anything else (tests, a plain parent), it
+    leaves logging alone; call ``begin_daemon_logging`` or ``install`` then.
     """
 
-    def __init__(self, log: DaemonLog, publisher: LogPublisher = globalLogPublisher) -> None:
+    def __init__(self, log: DaemonLog) -> None:
+        super().__init__()
         self.log = log
         """The log file observer."""
-        self._publisher = publisher
-        log.install(publisher)
 
-    def stopService(self) -> None:
-        super().stopService()
-        self.log.uninstall(self._publisher)
-        self.log.close()
+    def setServiceParent(self, parent: Any) -> Any:
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log)
+        return super().setServiceParent(parent)
 
 
 __all__ = [
     "CLIObserver",
     "DaemonLog",
-    "LogService",
+    "DaemonLogRoot",
     "begin_daemon_logging",
     "cli_logging",
     "format_event_line",

@@ -8,6 +8,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.integration import _tqd
+from tests.integration.topology import Host, require_root
 from tproxy.model import Destination
 from tproxy.nft import ArpRuleForm, Nftables, NftError
 
@@ -16,8 +17,9 @@ class NftablesTests(TestCase):
     """Nftables reads and writes exactly the nft state of DESIGN.md 2.2."""
 
     def setUp(self) -> None:
-        _tqd.require_root_netns()
-        self.ns = _tqd.add_netns(self, _tqd.unique_name("n"))
+        require_root()
+        self.host = Host(self, prefix=_tqd.PREFIX)
+        self.ns = self.host.name
         self.nft: Nftables = _tqd.in_netns(self.ns, Nftables)
 
     def run_nft(self, fn: Any, *args: Any) -> Any:
@@ -42,12 +44,10 @@ class NftablesTests(TestCase):
 
     def test_reads_hand_made_state(self) -> None:
         """A map written by hand as OpenNebula does is read back element by element."""
-        _tqd.sh(
-            "nft",
+        self.host.nft(
             "add table ip one_tproxy; add map ip one_tproxy ep_br0 "
             "{ type inet_service : ipv4_addr . inet_service; "
             "elements = { 5030 : 10.11.12.13 . 5030, 1234 : 10.11.12.34 . 1234 } }",
-            netns=self.ns,
         )
         self.assertEqual(
             self.run_nft(self.nft.read_service_maps),
@@ -62,14 +62,12 @@ class NftablesTests(TestCase):
     def test_odd_maps_skipped(self) -> None:
         """Maps that are not ep_BR of the right type are logged and skipped, never a crash."""
         warnings = self.capture_warnings()
-        _tqd.sh(
-            "nft",
+        self.host.nft(
             "add table ip one_tproxy; "
             "add map ip one_tproxy other { type inet_service : ipv4_addr; }; "
             "add map ip one_tproxy ep_wrong { type inet_service : ipv4_addr; }; "
             "add map ip one_tproxy ep_ok { type inet_service : ipv4_addr . inet_service; "
             "elements = { 80 : 127.0.0.1 . 8080 } }",
-            netns=self.ns,
         )
         self.assertEqual(
             self.run_nft(self.nft.read_service_maps),
@@ -81,7 +79,7 @@ class NftablesTests(TestCase):
         """write_service_map creates table and map exactly as DESIGN.md 2.2 lists them."""
         smap = {5030: Destination("10.11.12.13", 5030), 1234: Destination("10.0.0.1", 80)}
         self.assertTrue(self.run_nft(self.nft.write_service_map, "tqdb0", smap))
-        ruleset = _tqd.nft_ruleset(self.ns)
+        ruleset = _tqd.nft_ruleset(self.host)
         self.assertEqual(
             ruleset,
             [
@@ -107,22 +105,20 @@ class NftablesTests(TestCase):
         """Writing the same map changes nothing; a new map replaces the elements."""
         first = {5030: Destination("10.11.12.13", 5030), 1234: Destination("10.0.0.1", 80)}
         self.run_nft(self.nft.write_service_map, "tqdb0", first)
-        before = _tqd.nft_ruleset_raw(self.ns)
+        before = _tqd.nft_ruleset_raw(self.host)
         self.assertFalse(self.run_nft(self.nft.write_service_map, "tqdb0", first))
-        self.assertEqual(_tqd.nft_ruleset_raw(self.ns), before)
+        self.assertEqual(_tqd.nft_ruleset_raw(self.host), before)
         second = {5030: Destination("10.11.12.14", 5031), 22: Destination("10.0.0.2", 2222)}
         self.assertTrue(self.run_nft(self.nft.write_service_map, "tqdb0", second))
         self.assertEqual(self.run_nft(self.nft.read_service_maps), {"tqdb0": second})
 
     def test_write_map_wrong_type(self) -> None:
         """A map ep_BR of another type is an error naming it, and nothing changes."""
-        _tqd.sh(
-            "nft",
+        self.host.nft(
             "add table ip one_tproxy; add map ip one_tproxy ep_tqdb0 "
             "{ type inet_service : ipv4_addr; }",
-            netns=self.ns,
         )
-        before = _tqd.nft_ruleset_raw(self.ns)
+        before = _tqd.nft_ruleset_raw(self.host)
         e = self.assertRaises(
             NftError,
             self.run_nft,
@@ -131,13 +127,13 @@ class NftablesTests(TestCase):
             {1: Destination("10.0.0.1", 1)},
         )
         self.assertIn("ep_tqdb0", str(e))
-        self.assertEqual(_tqd.nft_ruleset_raw(self.ns), before)
+        self.assertEqual(_tqd.nft_ruleset_raw(self.host), before)
 
     def test_arp_rule(self) -> None:
         """The ARP chain holds exactly one rule, in the form the kernel accepts."""
         form, changed = self.run_nft(self.nft.write_arp_rule, "tqdb0")
         self.assertTrue(changed)
-        ruleset = _tqd.nft_ruleset(self.ns)
+        ruleset = _tqd.nft_ruleset(self.host)
         chains = _tqd.nft_objects(ruleset, "chain")
         self.assertEqual(
             chains,
@@ -155,7 +151,7 @@ class NftablesTests(TestCase):
         )
         rules = _tqd.nft_objects(ruleset, "rule")
         self.assertEqual(len(rules), 1)
-        text = _tqd.sh("nft", "list", "chain", "bridge", "one_tproxy", "ch_tqdb0", netns=self.ns)
+        text = self.host.nft("list", "chain", "bridge", "one_tproxy", "ch_tqdb0").stdout
         if form is ArpRuleForm.IBRNAME:
             self.assertIn(
                 'meta ibrname "tqdb0" oifname != "tqdb0b" arp operation request '
@@ -180,37 +176,35 @@ class NftablesTests(TestCase):
                     }
                 ],
             )
-        before = _tqd.nft_ruleset_raw(self.ns)
+        before = _tqd.nft_ruleset_raw(self.host)
         self.assertEqual(self.run_nft(self.nft.write_arp_rule, "tqdb0"), (form, False))
-        self.assertEqual(_tqd.nft_ruleset_raw(self.ns), before)
+        self.assertEqual(_tqd.nft_ruleset_raw(self.host), before)
 
     def test_arp_rule_rewritten(self) -> None:
         """A chain ch_BR with other rules is flushed and left with its one ARP rule."""
-        _tqd.sh(
-            "nft",
+        self.host.nft(
             "add table bridge one_tproxy; add chain bridge one_tproxy ch_tqdb0 "
             "{ type filter hook forward priority filter; policy accept; }; "
             "add rule bridge one_tproxy ch_tqdb0 counter; "
             "add rule bridge one_tproxy ch_tqdb0 counter",
-            netns=self.ns,
         )
         self.run_nft(self.nft.write_arp_rule, "tqdb0")
-        rules = _tqd.nft_objects(_tqd.nft_ruleset(self.ns), "rule")
+        rules = _tqd.nft_objects(_tqd.nft_ruleset(self.host), "rule")
         self.assertEqual(len(rules), 1)
         self.assertNotIn({"counter": {"packets": 0, "bytes": 0}}, rules[0]["expr"])
 
     def test_remove_restores_earlier_state(self) -> None:
         """remove_bridge returns the ruleset to exactly what it was before the writes."""
-        _tqd.sh("nft", "add table inet tqdother; add chain inet tqdother c", netns=self.ns)
-        before = _tqd.nft_ruleset(self.ns)
+        self.host.nft("add table inet tqdother; add chain inet tqdother c")
+        before = _tqd.nft_ruleset(self.host)
         self.run_nft(self.nft.write_service_map, "tqdb0", {1: Destination("10.0.0.1", 1)})
         self.run_nft(self.nft.write_arp_rule, "tqdb0")
         self.run_nft(self.nft.write_service_map, "tqdb1", {2: Destination("10.0.0.2", 2)})
         self.run_nft(self.nft.write_arp_rule, "tqdb1")
         self.assertTrue(self.run_nft(self.nft.remove_bridge, "tqdb0"))
         self.assertEqual(set(self.run_nft(self.nft.read_service_maps)), {"tqdb1"})
-        names = [c["name"] for c in _tqd.nft_objects(_tqd.nft_ruleset(self.ns), "chain")]
+        names = [c["name"] for c in _tqd.nft_objects(_tqd.nft_ruleset(self.host), "chain")]
         self.assertEqual(sorted(names), ["c", "ch_tqdb1"])
         self.assertTrue(self.run_nft(self.nft.remove_bridge, "tqdb1"))
-        self.assertEqual(_tqd.nft_ruleset(self.ns), before)
+        self.assertEqual(_tqd.nft_ruleset(self.host), before)
         self.assertFalse(self.run_nft(self.nft.remove_bridge, "tqdb1"))

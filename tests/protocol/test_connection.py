@@ -631,3 +631,22 @@ class TransitionTableTests(unittest.TestCase):
         self.assertEqual(
             {k[1].name for k in TRANSITIONS if k[0] is StreamState.IDLE}, {"SEND_OPEN", "RECV_OPEN"}
         )
+
+
+class SansIOTests(unittest.TestCase):
+    """The core stays free of I/O frameworks."""
+
+    def test_no_twisted_import(self) -> None:
+        """Importing the protocol package loads no Twisted module (and no socket handling)."""
+        import subprocess
+        import sys
+
+        code = (
+            "import sys, tproxy.protocol, tproxy.protocol.events;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('twisted', 'asyncio')];"
+            "print(bad); sys.exit(1 if bad else 0)"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)

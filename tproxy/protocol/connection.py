@@ -42,6 +42,7 @@ What lives where:
 from __future__ import annotations
 
 import enum
+from collections import deque
 
 from tproxy.protocol import frames
 from tproxy.protocol.events import (
@@ -76,6 +77,9 @@ class Role(enum.Enum):
 class StreamState(enum.Enum):
     """States of one stream (``docs/protocol.md`` section 5)."""
 
+    # Identity hash (C speed): the transition table is keyed by (state, input) tuples.
+    __hash__ = object.__hash__
+
     IDLE = "idle"
     OPENING = "opening"
     OPEN = "open"
@@ -86,6 +90,8 @@ class StreamState(enum.Enum):
 
 class Input(enum.Enum):
     """Inputs of the stream state machine: a frame sent or received."""
+
+    __hash__ = object.__hash__
 
     SEND_OPEN = enum.auto()
     RECV_OPEN = enum.auto()
@@ -169,7 +175,7 @@ class _Stream:
         #: Bytes the caller consumed that were not yet returned as credit.
         self.unacked = 0
         #: Payload waiting for send window (None when there is none).
-        self.pending: list[bytes] | None = None
+        self.pending: deque[bytes] | None = None
         self.pending_len = 0
         #: half_close() was called while data was pending: HALF_CLOSE follows the data.
         self.fin_queued = False
@@ -347,7 +353,7 @@ class Connection:
             out.append(data)
             return
         if st.pending is None:
-            st.pending = [data]
+            st.pending = deque((data,))
         else:
             st.pending.append(data)
         st.pending_len += n
@@ -364,7 +370,7 @@ class Connection:
             n = len(data)
             take = min(n, st.send_window, limit)
             if take == n:
-                pending.pop(0)
+                pending.popleft()
                 chunk = data
             else:
                 chunk = data[:take]

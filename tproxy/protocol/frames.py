@@ -320,48 +320,57 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[Frame]:
         """Decode what ``data`` completes; raise ``FrameError`` on a malformed stream."""
         out: list[Frame] = []
-        if not data:
-            return out
-        pos = 0
         n = len(data)
-        if self._have == 0 and self._header is None and self.preface_window is not None:
-            # Fast path: nothing buffered, slice frames straight from the caller's chunk.
-            unpack = HEADER.unpack_from
-            limit = self.max_payload
-            while n - pos >= HEADER_SIZE:
-                ftype, flags, sid, length = unpack(data, pos)
-                if length > limit:
-                    self._check((ftype, flags, sid, length))
-                end = pos + HEADER_SIZE + length
-                if end > n:
-                    break
-                start = pos + HEADER_SIZE
-                out.append((ftype, flags, sid, data[start:end]))
-                pos = end
-            if pos == n:
-                return out
-            self._chunks.append(memoryview(data)[pos:] if pos else memoryview(data))
-            self._have = n - pos
-        else:
-            self._chunks.append(memoryview(data))
-            self._have += n
-        # Slow path: frames that span chunks.
-        while True:
+        pos = 0
+        view: memoryview | None = None
+        # Slow path: finish the unit (preface, header or payload) that earlier chunks began,
+        # taking from ``data`` only the bytes it needs; then go on at full speed.
+        while self._have or self._header is not None or self.preface_window is None:
             if self.preface_window is None:
-                if self._have < PREFACE.size:
-                    break
+                need = PREFACE.size - self._have
+            elif self._header is None:
+                need = HEADER_SIZE - self._have
+            else:
+                need = self._header[3] - self._have
+            if need > 0:
+                if n - pos < need:
+                    if n > pos:
+                        if view is None:
+                            view = memoryview(data)
+                        self._chunks.append(view[pos:] if pos else view)
+                        self._have += n - pos
+                    return out
+                if view is None:
+                    view = memoryview(data)
+                self._chunks.append(view[pos : pos + need] if pos or need < n else view)
+                self._have += need
+                pos += need
+            if self.preface_window is None:
                 self.preface_window = parse_preface(self._take(PREFACE.size))
-                continue
-            if self._header is None:
-                if self._have < HEADER_SIZE:
-                    break
+            elif self._header is None:
                 hdr = HEADER.unpack(self._take(HEADER_SIZE))
                 self._check(hdr)
                 self._header = hdr
-            length = self._header[3]
-            if self._have < length:
+            else:
+                ftype, flags, sid, length = self._header
+                self._header = None
+                out.append((ftype, flags, sid, self._take(length) if length else b""))
+        # Fast path: nothing buffered, slice frames straight from the caller's chunk.
+        unpack = HEADER.unpack_from
+        limit = self.max_payload
+        while n - pos >= HEADER_SIZE:
+            ftype, flags, sid, length = unpack(data, pos)
+            if length > limit:
+                self._check((ftype, flags, sid, length))
+            end = pos + HEADER_SIZE + length
+            if end > n:
                 break
-            ftype, flags, sid, _ = self._header
-            self._header = None
-            out.append((ftype, flags, sid, self._take(length) if length else b""))
+            start = pos + HEADER_SIZE
+            out.append((ftype, flags, sid, data[start:end]))
+            pos = end
+        if pos < n:
+            if view is None:
+                view = memoryview(data)
+            self._chunks.append(view[pos:] if pos else view)
+            self._have = n - pos
         return out
