@@ -15,31 +15,10 @@ from twisted.logger import Logger
 
 from tproxy.config import Config, ConfigError, Limits, load_config, log_level
 from tproxy.logs import DaemonLog, begin_daemon_logging
+from tproxy.rlimits import raise_nofile_limit
 from tproxy.settings import Paths
 
 log = Logger(namespace="tproxy.runtime")
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the open-files soft limit to the hard limit; (old soft, new soft)."""
-    import importlib
-    import resource
-
-    try:  # the config helper's module, when present
-        rlimits = importlib.import_module("tproxy.rlimits")
-    except ImportError:
-        rlimits = None
-    raise_fn = getattr(rlimits, "raise_nofile", None) if rlimits is not None else None
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if raise_fn is not None:
-        raise_fn()
-    elif soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class DaemonRuntime:
@@ -79,7 +58,7 @@ class DaemonRuntime:
         (a standalone process); without it the file is added as an observer
         (under twistd, which began logging already).
         """
-        soft_before, soft_after = raise_nofile_limit()
+        _, soft_after = raise_nofile_limit()
         error: ConfigError | None = None
         try:
             self.load()
@@ -92,7 +71,7 @@ class DaemonRuntime:
             self.log_file.install()
         if error is not None:
             log.error("{error}; using the default settings", error=error)
-        log.info("open-files limit {before} -> {after}", before=soft_before, after=soft_after)
+        log.info("open-files limit {soft}", soft=soft_after)
 
     def reload(self) -> None:
         """SIGHUP: reopen the log file, re-read the log level (and limits)."""

@@ -55,6 +55,7 @@ PRELOAD = (
     "twisted.python.failure",
     "tproxy.config",
     "tproxy.logs",
+    "tproxy.rlimits",
     "tproxy.runtime",
     "tproxy.link",
     "tproxy.inner",
@@ -65,14 +66,71 @@ PRELOAD = (
 )
 
 
-def preload(modules: Sequence[str] = PRELOAD) -> None:
-    """Import ``modules`` (never the global reactor), collect, then freeze the GC."""
+def preload(modules: Sequence[str] = PRELOAD, warm: bool = True) -> None:
+    """Import ``modules`` (never the global reactor), warm up, collect, then freeze the GC."""
     for name in modules:
         importlib.import_module(name)
+    if warm:
+        warm_up()
     if "twisted.internet.reactor" in sys.modules:  # pragma: no cover - a bug, say so
         raise RuntimeError("the template must not install a reactor")
     gc.collect()
     gc.freeze()
+
+
+def warm_up() -> None:
+    """Run the inner proxy's common code once, so children share its specialized bytecode.
+
+    Python 3.11 rewrites a function's bytecode in place the first times it
+    runs; done here, before the fork, those pages stay shared. Nothing of it
+    survives: the reactor made here is never installed and its descriptors
+    are closed.
+    """
+    from twisted.internet import epollreactor
+    from twisted.internet.testing import StringTransport
+
+    from tproxy.config import parse_config
+    from tproxy.link import InnerLink, RootLink
+    from tproxy.model import Destination
+
+    config = parse_config(
+        ":tproxy_debug_level: 2\n:tproxy:\n- :service_port: 5030\n"
+        "  :remote_addr: 127.0.0.1\n  :remote_port: 5030\n",
+        "<warm-up>",
+    )
+    reactor = epollreactor.EPollReactor()
+    try:
+        inner = InnerLink(reactor, lambda ports: None, config.limits, ping_interval=None)
+        dest = Destination("127.0.0.1", 1)
+        root = RootLink(reactor, "w", lambda port: dest, config.limits, ping_interval=None)
+        ti, tr = StringTransport(), StringTransport()
+        inner.makeConnection(ti)
+        root.makeConnection(tr)
+        for _ in range(3):
+            root.push_config([5030])
+            inner.dataReceived(tr.value())
+            root.dataReceived(ti.value())
+            tr.clear()
+            ti.clear()
+        reactor.callLater(0, reactor.stop)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        # What the warm-up logged must not be replayed into a child's log file.
+        from twisted.logger import globalLogBeginner
+
+        buffered = getattr(getattr(globalLogBeginner, "_initialBuffer", None), "_buffer", None)
+        if buffered is not None:
+            buffered.clear()
+        for fd in (reactor._poller.fileno(),):
+            os.close(fd)
+        waker: object = getattr(reactor, "waker", None)
+        for name in ("i", "o", "fd"):
+            fd = getattr(waker, name, None)
+            if isinstance(fd, int):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def resolve_entry(entry: str) -> Callable[[list[str]], int | None]:
