@@ -108,6 +108,9 @@ class _Listener(Service):
             return listening.stopListening()
         self._listening = listening
         log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        changed = getattr(self.parent, "listeners_changed", None)
+        if changed is not None:
+            changed()
         return None
 
     def _failed(self, failure: Failure) -> None:
@@ -167,6 +170,21 @@ class InnerService(MultiService):
     def listeners(self) -> dict[int, _Listener]:
         """Service port -> its listening service."""
         return {s.service_port: s for s in self if isinstance(s, _Listener)}
+
+    def listener_report(self) -> dict[str, object]:
+        """This process and its listeners, for the link's STATS reports (docs/protocol.md)."""
+        current = self.listeners()
+        return {
+            "pid": os.getpid(),
+            "listening": sorted(p for p, s in current.items() if s.bound),
+            "not_listening": sorted(p for p, s in current.items() if not s.bound),
+        }
+
+    def listeners_changed(self) -> None:
+        """A port was bound: report to the root now rather than at the next interval."""
+        send = getattr(self.link, "send_stats", None)
+        if send is not None:
+            send()
 
     def set_ports(self, ports: frozenset[int]) -> None:
         """The root's config push: bind the new ports, unbind the dropped ones."""
@@ -342,7 +360,13 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
         lambda: float(daemon.limits().grace_period),
         stop,
     )
-    link = InnerLink(reactor, on_config=service.set_ports, limits=daemon.limits(), bridge=bridge)
+    link = InnerLink(
+        reactor,
+        on_config=service.set_ports,
+        limits=daemon.limits(),
+        bridge=bridge,
+        stats_source=service.listener_report,
+    )
     os.set_blocking(LINK_FD, False)
     from tproxy.root import adopt_with
 

@@ -152,6 +152,11 @@ class InnerSupervisor(Service):
         self.starts = 0
         """How many times an inner proxy was started (for tests and logs)."""
 
+    @property
+    def started_at(self) -> float:
+        """``reactor.seconds()`` when the current (or last) inner proxy was started."""
+        return self._started_at
+
     # -- the map ------------------------------------------------------------
     def lookup(self, service_port: int) -> Destination | None:
         """The destination of ``service_port`` on this bridge now, or None."""
