@@ -37,29 +37,39 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import tests.test_link as harness_module  # noqa: E402
-import tproxy.link as counting  # noqa: E402
 
 REQUEST = b"G" * 100
 RESPONSE = b"R" * 100
 
 
-def load_baseline(rev: str) -> ModuleType:
-    """``tproxy/link.py`` as it was at ``rev``, imported under another name."""
+def load_link(text: bytes, name: str) -> ModuleType:
+    """A ``tproxy/link.py`` source imported as module ``name`` (both variants load alike)."""
+    tmp = tempfile.NamedTemporaryFile("wb", suffix=f"_{name}.py", delete=False)
+    with tmp:
+        tmp.write(text)
+    spec = importlib.util.spec_from_file_location(name, tmp.name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    os.unlink(tmp.name)
+    return module
+
+
+def load_baseline(rev: str, name: str = "link_baseline") -> ModuleType:
+    """``tproxy/link.py`` as it was at git revision ``rev``."""
     text = subprocess.run(
         ["git", "-C", REPO, "show", f"{rev}:tproxy/link.py"],
         check=True,
         capture_output=True,
     ).stdout
-    tmp = tempfile.NamedTemporaryFile("wb", suffix="_link_baseline.py", delete=False)
-    with tmp:
-        tmp.write(text)
-    spec = importlib.util.spec_from_file_location("link_baseline", tmp.name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["link_baseline"] = module
-    spec.loader.exec_module(module)
-    os.unlink(tmp.name)
-    return module
+    return load_link(text, name)
+
+
+def load_current() -> ModuleType:
+    """This tree's ``tproxy/link.py`` (with the counters), loaded like the baseline."""
+    with open(os.path.join(REPO, "tproxy", "link.py"), "rb") as f:
+        return load_link(f.read(), "link_counting")
 
 
 def harness(link: ModuleType) -> Any:
@@ -127,7 +137,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (best is kept)")
     args = parser.parse_args()
     baseline = load_baseline(args.baseline)
-    again = load_baseline(args.baseline)  # the same code again: the noise floor
+    again = load_baseline(args.baseline, "link_again")  # the same code again: the noise floor
+    counting = load_current()
     if hasattr(baseline.RootLink, "snapshot"):
         print(f"warning: {args.baseline}'s link already counts per port", file=sys.stderr)
     print(f"Python {sys.version.split()[0]}, {args.repeat} x {args.seconds:g} s, best run\n")
