@@ -702,7 +702,6 @@ class Host(Namespace):
         self.ip("link", "set", a, "netns", inner.name)
         self.ip("link", "set", b, "master", bridge)
         self.ip("link", "set", b, "up")
-        inner.ip("link", "set", "lo", "up")
         inner.ip("address", "add", f"{SERVICE_ADDRESS}/32", "dev", a)
         inner.ip("link", "set", a, "up")
         inner.ip("route", "replace", "default", "dev", a, "scope", "link")
