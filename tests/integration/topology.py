@@ -230,13 +230,13 @@ def pids_in_netns(path: str) -> list[int]:
 
 
 def process_name(pid: int) -> str | None:
-    """``/proc/PID/cmdline`` as one string with spaces (None when the process is gone)."""
+    """``/proc/PID/cmdline`` as one string, NULs as spaces, padding stripped (None: gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             raw = f.read()
     except OSError:
         return None
-    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    return raw.replace(b"\0", b" ").strip().decode("utf-8", "replace")
 
 
 def is_alive(pid: int) -> bool:
