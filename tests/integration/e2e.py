@@ -105,12 +105,12 @@ class E2ETestCase(unittest.TestCase):
     def wait_proxies(self, host: Host, expected: set[str], timeout: float = 15.0) -> dict[str, int]:
         """Wait (bounded) until exactly the ``expected`` proxy processes run on ``host``."""
 
-        def check() -> dict[str, int] | None:
+        def check() -> tuple[dict[str, int]] | None:
             found = host.proxies()
-            return found if set(found) == expected else None
+            return (found,) if set(found) == expected else None  # a tuple: true even if empty
 
         try:
-            result: dict[str, int] = wait_until(check, timeout, 0.1, f"proxies {sorted(expected)}")
+            result = wait_until(check, timeout, 0.1, f"proxies {sorted(expected)}")
         except AssertionError as e:
             raise AssertionError(f"{e}; running: {host.proxies()}\n{host.logs()}") from None
-        return result
+        return dict(result[0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.integration.e2e import GRACE, E2ETestCase
-from tests.integration.topology import config_yaml, wait_until
+from tests.integration.topology import SERVICE_ADDRESS, config_yaml, wait_until
 
 MB = 2**20
 
@@ -22,6 +22,7 @@ class ReloadTests(E2ETestCase):
         host, guest = hv.host, hv.guest
         host.serve_sink(9000)
         guest.wait_serving(5030)
+        guest.wait_tcp(SERVICE_ADDRESS, 5031)
         root = self.wait_proxies(host, {"one_tproxy", f"one_tproxy_{hv.bridge}"})
 
         # About 3 s each at 4 MB/s.
