@@ -46,11 +46,12 @@ show() {
     local where=$1; shift
     echo "${D}${where}#${N} $*"
     case "$where" in
-        host) "$@" ;;
-        *) nsenter --net="/run/netns/$where" -- "$@" ;;
+        host) "$@" 9>&- ;;
+        *) nsenter --net="/run/netns/$where" -- "$@" 9>&- ;;
     esac
 }
-in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" -- "$@"; }
+# (9>&-: the demo's lock stays with the demo, not with the daemons it starts)
+in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" -- "$@" 9>&-; }
 fail() { echo "${R}demo: step $STEP failed: $*${N}" >&2; FAILED=1; exit 1; }
 
 # Guests talk to 169.254.16.9 directly: no HTTP proxy from the caller's environment.
@@ -61,6 +62,16 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "demo: FAILED"
     exit 1
 fi
+
+# One demo at a time: two would tear down each other's topology.
+exec 9>/run/one-tproxy-demo.lock
+if ! flock -n 9; then
+    echo "demo: another demo is running (lock /run/one-tproxy-demo.lock)" >&2
+    echo "demo: FAILED"
+    exit 1
+fi
+
+SERVICE_PIDS=()
 
 # ---------------------------------------------------------------- teardown
 pids_in_ns() {  # PIDs of every process whose network namespace is /run/netns/$1
@@ -80,7 +91,9 @@ teardown() {
             in_ns "$HV" timeout 30 "$REPO/.venv/bin/one-tproxy" stop >/dev/null 2>&1 || true
         fi
     fi
-    # Whatever still lives in the demo's namespaces is the demo's own: services, proxies.
+    # The services the demo started, by PID; then whatever still lives in the demo's
+    # namespaces, which is the demo's own too (proxies).
+    [ "${#SERVICE_PIDS[@]}" -gt 0 ] && kill "${SERVICE_PIDS[@]}" 2>/dev/null
     for ns in "$VM1" "$VM2" "$NS" "$HV"; do
         pids=$(pids_in_ns "$ns")
         [ -n "$pids" ] && kill $pids 2>/dev/null
@@ -117,7 +130,8 @@ FINISHED=0
 WORK=""
 finish() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM   # the teardown itself must not be cut short by a second Ctrl-C
     [ "$FINISHED" = 1 ] && exit "$rc"
     FINISHED=1
     if [ "$KEEP" = 1 ] && [ "$FAILED" = 0 ] && [ "$rc" = 0 ]; then
@@ -195,10 +209,13 @@ cat > "$WORK/onegate/index.html" <<'EOF'
 {"service": "OneGate (demo)", "message": "hello from the front-end, through one-tproxy"}
 EOF
 echo "custom service (demo): you reached 127.0.0.1:8080 of the hypervisor" > "$WORK/custom/index.html"
-in_ns "$HV" "$PY" tests/integration/services.py http --bind 127.0.0.1 --port 5030 \
-    --dir "$WORK/onegate" >/dev/null 2>&1 &
-in_ns "$HV" "$PY" tests/integration/services.py http --bind 127.0.0.1 --port 8080 \
-    --dir "$WORK/custom" >/dev/null 2>&1 &
+# nsenter execs the service, so $! is the service's own PID.
+nsenter --net="/run/netns/$HV" -- "$PY" tests/integration/services.py http \
+    --bind 127.0.0.1 --port 5030 --dir "$WORK/onegate" >/dev/null 2>&1 9>&- &
+SERVICE_PIDS+=($!)
+nsenter --net="/run/netns/$HV" -- "$PY" tests/integration/services.py http \
+    --bind 127.0.0.1 --port 8080 --dir "$WORK/custom" >/dev/null 2>&1 9>&- &
+SERVICE_PIDS+=($!)
 for port in 5030 8080; do
     for _ in $(seq 100); do
         in_ns "$HV" curl -s -o /dev/null "http://127.0.0.1:$port/" && break
