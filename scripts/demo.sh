@@ -251,7 +251,7 @@ sed 's/^/      /' "$ONE_TPROXY_CONFIG"
 show "$HV" "$OT" endpoints --network demo-net || fail "endpoints"
 
 step "one-tproxy up $BR --network demo-net   (what OpenNebula's network driver runs)"
-show "$HV" "$OT" up "$BR" --network demo-net || fail "one-tproxy up failed"
+show "$HV" "$OT" up "$BR" --network demo-net -v || fail "one-tproxy up failed"
 
 # ---------------------------------------------------------------- 4. look around
 step "one-tproxy status"
@@ -312,7 +312,7 @@ done
 
 if [ "$KEEP" != 1 ]; then
     step "one-tproxy down $BR   (the last VM of the network left this host)"
-    show "$HV" "$OT" down "$BR" || fail "one-tproxy down failed"
+    show "$HV" "$OT" down "$BR" -v || fail "one-tproxy down failed"
     for _ in $(seq 50); do [ -e "/run/netns/$NS" ] || break; sleep 0.1; done
     [ -e "/run/netns/$NS" ] && fail "$NS still exists after down"
     for _ in $(seq 50); do
