@@ -82,6 +82,8 @@ class KillTests(E2ETestCase):
 
         self.kill9(before["one_tproxy"])
         self.wait_proxies(hv.host, set())
+        # Nothing of the mesh is left at all (helpers such as a template too).
+        wait_until(lambda: not hv.host.product_pids(), 10, 0.1, "no mesh process")
         code, _ = hv.host.status()
         self.assertEqual(code, 3)
         self.assertFalse(hv.guest.curl(hv.guest.service_url(5030), timeout=3).ok)

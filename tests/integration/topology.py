@@ -853,6 +853,15 @@ class Host(Namespace):
                     found[name] = pid
         return found
 
+    def product_pids(self) -> list[int]:
+        """Every live process in this host's namespace and its bridges' inner namespaces
+        that the fixture did not spawn itself: the proxies and whatever they started."""
+        ours = {p.pid for ns in (self, *self.guests, *self._inners.values()) for p in ns.spawned}
+        namespaces = [self, *(self.inner(b) for b in self.bridges)]
+        return sorted(
+            pid for ns in namespaces for pid in ns.pids() if pid not in ours and is_alive(pid)
+        )
+
     # ----------------------------------------------------------------- cleanup
 
     def cleanup(self) -> None:
