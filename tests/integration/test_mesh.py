@@ -91,6 +91,34 @@ class ServeTests(MeshTestCase):
         self.assertEqual((done.returncode, done.stdout), (3, ""))
         self.assertEqual(self.host.tproxy("stop").returncode, 0)  # nothing runs: still 0
 
+    def test_stop_lets_streams_finish(self) -> None:
+        """stop waits for an open download (within the grace period); it completes whole."""
+        self.host.serve_http(5030)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, 5030)})
+        self.start(grace_period=10)
+        guest.wait_serving(5030)
+        transfer = guest.start_transfer("download", 5030, 2_000_000, rate=1_000_000)
+        began = time.monotonic()
+        self.host.tproxy("stop", check=True)
+        out, _ = transfer.communicate(timeout=30)
+        self.assertEqual(transfer.returncode, 0, out)
+        self.assertGreater(time.monotonic() - began, 1.0)  # it waited for the stream
+        self.assertEqual(self.host.status()[0], 3)
+        self.assertNotEqual(guest.curl(guest.service_url(5030), timeout=3).returncode, 0)
+
+    def test_stop_bounded_by_grace(self) -> None:
+        """A stream longer than the grace period is cut and stop returns soon after."""
+        self.host.serve_http(5030)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, 5030)})
+        self.start(grace_period=1)
+        guest.wait_serving(5030)
+        transfer = guest.start_transfer("download", 5030, 50_000_000, rate=1_000_000)
+        began = time.monotonic()
+        self.host.tproxy("stop", check=True)
+        self.assertLess(time.monotonic() - began, 5.0)
+        transfer.communicate(timeout=30)
+        self.assertNotEqual(transfer.returncode, 0)
+
     def test_nothing_configured(self) -> None:
         """With no map, start starts nothing and exits 0."""
         self.host.write_config(config_yaml([]))
