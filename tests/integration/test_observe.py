@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 from typing import Any
 
@@ -143,6 +144,19 @@ class StatusTests(ObserveTestCase):
         sock = os.path.join(self.host.run_dir, "one_tproxy", "control.sock")
         self.assertEqual(stat.S_IMODE(os.stat(sock).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode), 0o700)
+
+        # The root restarts a killed inner proxy: status counts the restart and
+        # keeps the bridge's counters.
+        os.kill(inner["pid"], signal.SIGKILL)
+
+        def restarted() -> dict[str, Any] | None:
+            b = self.status_json()["bridges"][br]
+            return b if b["inner"]["restarts"] == 1 and b["inner"]["running"] else None
+
+        b = wait_until(restarted, timeout=15, interval=0.1, message="inner restarted")
+        self.assertNotEqual(b["inner"]["pid"], inner["pid"])
+        self.assertEqual(b["ports"]["5030"]["accepted"], n)
+        self.assertEqual(b["ports"]["5030"]["bytes_to_service"], n * size)
 
     def test_not_running(self) -> None:
         """Without a root proxy, status --json exits 3 and --prometheus says one_tproxy_up 0."""
