@@ -16,15 +16,6 @@ from twisted.trial import unittest
 
 from tests.integration.topology import Guest, Host, config_yaml, require_root, wait_until
 
-#: Why the e2e modules are skipped while the product pieces they drive are missing.
-PENDING = "needs the mesh (issue 4) and driver (issue 5)"
-
-#: Set ``TQE_E2E=1`` to run the e2e tests even while :data:`PENDING` applies.
-_FORCED = os.environ.get("TQE_E2E") == "1"
-
-#: None once the mesh and the driver are on main (the e2e tests then always run).
-SKIP: str | None = None if _FORCED else PENDING
-
 #: A grace period short enough that cleanup's ``one-tproxy stop`` is quick.
 GRACE = 1
 
@@ -49,7 +40,6 @@ class Hypervisor:
 class E2ETestCase(unittest.TestCase):
     """Base class: skipped with the reason unless root; builds hypervisors in one call."""
 
-    skip = SKIP
     prefix = "tqe"
 
     def setUp(self) -> None:
