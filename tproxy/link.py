@@ -129,6 +129,11 @@ class _StreamProtocol(Protocol):
     which is when withheld credit goes back to the peer.
     """
 
+    # Root only, set by RootLink._open: the port's counters and when the OPEN
+    # arrived (class defaults, so that the inner's streams carry no extra attributes).
+    stats: PortStats | None = None
+    opened_at: float = 0.0
+
     def __init__(self, link: LinkProtocol, service_port: int) -> None:
         self.link = link
         self.service_port = service_port
@@ -148,8 +153,6 @@ class _StreamProtocol(Protocol):
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
         self.ended = False
-        self.stats: PortStats | None = None  # root: the port's counters
-        self.opened_at = 0.0  # root: when the OPEN arrived
 
     # -- pausing reading from the TCP socket
 
@@ -679,7 +682,7 @@ class RootLink(LinkProtocol):
     def _open(self, event: ev.OpenRequested) -> None:
         sid, port, guest = event.stream_id, event.service_port, event.guest_host
         self.counters.opened += 1
-        stats = self.metrics.port(port)
+        stats = self.metrics.ports.get(port) or self.metrics.port(port)
         stats.requested += 1
         where = f"service port {port} from guest {guest}:{event.guest_port}"
         try:
@@ -733,8 +736,11 @@ class RootLink(LinkProtocol):
     def _forget(self, s: _StreamProtocol) -> None:
         if self._streams.get(s.stream_id) is s:
             del self._streams[s.stream_id]
-            if s.stats is not None:
-                s.stats.ended(s.received, s.sent)
+            stats = s.stats
+            if stats is not None:  # PortStats.ended, inlined
+                stats.streams_open -= 1
+                stats.bytes_to_service += s.received
+                stats.bytes_to_guest += s.sent
             ip = s.guest_ip
             if ip is not None:
                 left = self._per_guest.get(ip, 1) - 1
