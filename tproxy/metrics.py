@@ -84,7 +84,7 @@ class PortStats:
     refused: dict[str, int] = field(factory=dict)
     """Opens refused, by reason name (REFUSED, TIMED_OUT, UNKNOWN_SERVICE, ...)."""
     resets: dict[str, int] = field(factory=dict)
-    """Accepted streams ended by a reset (either side), by reason name."""
+    """Streams ended by a reset (either side, also while connecting), by reason name."""
     bytes_to_service: int = 0
     """Bytes from guests to the destination, of streams that ended."""
     bytes_to_guest: int = 0
@@ -227,7 +227,7 @@ METRICS: dict[str, tuple[str, str]] = {
         "Streams whose destination connection succeeded.",
     ),
     "one_tproxy_streams_refused_total": ("counter", "Streams refused, by reason."),
-    "one_tproxy_streams_reset_total": ("counter", "Accepted streams ended by a reset, by reason."),
+    "one_tproxy_streams_reset_total": ("counter", "Streams ended by a reset, by reason."),
     "one_tproxy_bytes_to_service_total": ("counter", "Bytes from guests to the destination."),
     "one_tproxy_bytes_to_guest_total": ("counter", "Bytes from the destination to guests."),
     "one_tproxy_connect_latency_seconds": (
