@@ -604,6 +604,81 @@ class Bench:
                 haproxy.deactivate()
 
 
+# --------------------------------------------------------------------------- profiling
+
+
+def py_spy() -> str | None:
+    """The py-spy command (beside this interpreter, or on PATH), or None."""
+    here = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return here if os.path.exists(here) else shutil.which("py-spy")
+
+
+def summarize_profile(path: str, top: int = 25) -> str:
+    """Self and inclusive sample shares per function of a py-spy raw (collapsed) file."""
+    self_count: dict[str, int] = {}
+    incl_count: dict[str, int] = {}
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            self_count[frames[-1]] = self_count.get(frames[-1], 0) + n
+            for frame in set(frames):
+                incl_count[frame] = incl_count.get(frame, 0) + n
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples", "", "self %  | incl % | function", "---|---|---"]
+    for frame, n in sorted(self_count.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / total:5.1f} | {100 * incl_count[frame] / total:5.1f} | {frame}")
+    ours = sorted(
+        ((f, n) for f, n in incl_count.items() if "tproxy/" in f), key=lambda kv: -kv[1]
+    )[:top]
+    lines += ["", "inclusive %, tproxy/ functions only:", ""]
+    lines += [f"{100 * n / total:5.1f} | {frame}" for frame, n in ours]
+    return "\n".join(lines)
+
+
+def profile(bench: Bench, mesh: MeshPath, directory: str) -> None:
+    """py-spy on every mesh process during (a) both ways and (c); summaries to stdout."""
+    spy = py_spy()
+    if spy is None:
+        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    os.makedirs(directory, exist_ok=True)
+    mesh.activate()
+    bench.wait_served()
+    runs: tuple[tuple[str, Callable[[], object], int], ...] = (
+        ("a_up", lambda: bench.iperf(reverse=False), bench.settings.iperf_secs),
+        ("a_down", lambda: bench.iperf(reverse=True), bench.settings.iperf_secs),
+        ("c", lambda: bench.wrk(2, 32), bench.settings.wrk_secs),
+    )
+    try:
+        for name, workload, secs in runs:
+            spies = []
+            for pid in mesh.proxy_pids():
+                who = (process_name(pid) or str(pid)).split()[0]
+                out = os.path.join(directory, f"{name}-{who}-{pid}.txt")
+                spies.append((who, out, subprocess.Popen(
+                    [spy, "record", "--pid", str(pid), "--duration", str(secs + 1),
+                     "--rate", "250", "--nolineno", "--format", "raw", "-o", out],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            time.sleep(0.5)
+            result = workload()
+            log(f"profile {name}: {result}")
+            for who, out, proc in spies:
+                try:
+                    proc.wait(timeout=secs + 30)
+                except subprocess.TimeoutExpired:
+                    _stop([proc], bench.host)
+                print(f"\n### {name}: {who}\n")
+                print(summarize_profile(out) if os.path.exists(out) else "(no profile)")
+    finally:
+        mesh.deactivate()
+
+
 def _ppid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -792,6 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", help="letters of the workloads to run (default abcdefgh)")
     parser.add_argument("--bridges", help="bridge counts for (h), e.g. 1,10,50")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="instead of the table: py-spy the mesh under (a) and (c), "
+                             "raw profiles to DIR, summaries to stdout")
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("QUICK", "") not in ("", "0")
     settings = Settings.make(quick, args)
@@ -824,6 +902,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "haproxy": haproxy,
             "one-tproxy": mesh,
         }
+        if args.profile:
+            profile(bench, mesh, args.profile)
+            settings = attrs.evolve(settings, workloads="")
         if any(c in settings.workloads for c in "abcdefg"):
             for rep in range(settings.reps):
                 for name in settings.paths:
@@ -858,6 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("tearing down")
         cleanups.run()
 
+    if args.profile:
+        return status
     print(f"\nMachine: {machine()}; {settings.reps} repetition(s), medians; "
           f"iperf3 -t {settings.iperf_secs}, wrk -d{settings.wrk_secs}s; "
           f"tproxy state built {bench.state or 'not at all'}.\n")
