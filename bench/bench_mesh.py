@@ -346,7 +346,7 @@ class Bench:
     inner: Namespace = field(init=False)
     www: str = field(init=False)
     state: str = field(init=False, default="")
-    """How one_tproxy_BR was built: ``driver`` or ``by hand``."""
+    """How one_tproxy_BR was built: ``by the driver`` or ``by hand``."""
     notes: list[str] = field(factory=list)
     """Remarks that belong under the table."""
 
@@ -396,10 +396,10 @@ class Bench:
         if self.state != "by hand":
             done = self.host.up(bridge, check=False)
             if done.ok:
-                self.state = "driver"
+                self.state = "by the driver"
                 self.tproxy("stop", timeout=60)
                 return
-            if self.state == "driver" or done.returncode != 2:
+            if self.state == "by the driver" or done.returncode != 2:
                 done.check()  # a driver that exists and fails is an error, not a fallback
             self.state = "by hand"
             self.notes.append(
