@@ -18,7 +18,7 @@ set +e
 .venv/bin/coverage run -m twisted.trial ${TRIAL_ARGS:-} tests 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 set -e
-.venv/bin/coverage report --skip-empty | tail -n 1 || true
+.venv/bin/coverage report --skip-empty | grep -E "^TOTAL" || true
 # A plain closing line, read the same way whatever the runner.
 summary=$(grep -E '^(PASSED|FAILED) \(' "$out" | tail -n 1)
 ran=$(grep -E '^Ran [0-9]+ tests' "$out" | tail -n 1 | awk '{print $2}')

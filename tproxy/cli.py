@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from tproxy import __version__, settings
+from tproxy import __version__, logs, settings
 
 #: Subcommand name -> (module under tproxy.commands, one-line help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=args.config, log_dir=args.log_dir, run_dir=args.run_dir
     )
     module, _ = SUBCOMMANDS[args.command]
-    return int(_load(module).run(args.command, args, paths))
+    # Warnings and errors of every module reach the user as "one-tproxy: warning: ...".
+    with logs.cli_logging():
+        return int(_load(module).run(args.command, args, paths))
 
 
 def console() -> None:

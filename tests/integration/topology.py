@@ -328,6 +328,8 @@ class Namespace:
     """Its name in ``ip netns list``."""
     spawned: list[subprocess.Popen[bytes]] = field(factory=list, repr=False)
     """Long-running processes started in it, killed by PID at cleanup."""
+    created: bool = field(default=False, repr=False)
+    """True once this fixture made it (only then does a host's cleanup delete it)."""
 
     @property
     def path(self) -> str:
@@ -440,13 +442,13 @@ class Namespace:
                 os.unlink(self.path)
 
 
-def _add_netns(name: str) -> Namespace:
-    if os.path.exists(os.path.join(NETNS_DIR, name)):
-        raise CommandError(f"namespace {name} already exists: refusing to reuse it")
-    run(["ip", "netns", "add", name], check=True)
-    ns = Namespace(name)
+def _add_netns(ns: Namespace) -> None:
+    """``ip netns add`` + lo up; the caller has already registered ``ns`` for cleanup."""
+    if ns.exists():
+        raise CommandError(f"namespace {ns.name} already exists: refusing to reuse it")
+    run(["ip", "netns", "add", ns.name], check=True)
+    ns.created = True
     ns.ip("link", "set", "lo", "up")
-    return ns
 
 
 @define
@@ -604,7 +606,7 @@ class Host(Namespace):
         self._links = itertools.count(1)
         self._inners: dict[str, Namespace] = {}
         testcase.addCleanup(self.cleanup)
-        _add_netns(self.name)
+        _add_netns(self)
 
     # ----------------------------------------------------------------- building
 
@@ -632,9 +634,9 @@ class Host(Namespace):
             addr = f"169.254.{100 + n // 250}.{n % 250 + 1}"
         name = name or f"{self.tag}g{len(self.guests) + 1}"
         port = f"{self.tag}v{next(self._links)}"
-        ns = _add_netns(name)
-        guest = Guest(ns.name, host=self, bridge=bridge, addr=addr, port=port)
+        guest = Guest(name, host=self, bridge=bridge, addr=addr, port=port)
         self.guests.append(guest)
+        _add_netns(guest)
         self.ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", guest.name)
         self.ip("link", "set", port, "master", bridge)
         self.ip("link", "set", port, "up")
@@ -868,15 +870,17 @@ class Host(Namespace):
             except Exception as e:  # every step runs whatever the others did
                 errors.append(f"{what}: {e}")
 
-        if self.used_tproxy and self.exists():
+        if self.used_tproxy and self.created and self.exists():
             step("one-tproxy stop", lambda: self.tproxy("stop", timeout=20))
+        # Inner namespaces carry our unique bridge names: ours whoever made them.
         inners = [self.inner(b) for b in self.bridges]
-        everyone: list[Namespace] = [self, *self.guests, *inners]
+        made = [ns for ns in (self, *self.guests) if ns.created]
+        everyone: list[Namespace] = [*made, *inners]
         for ns in everyone:
             step(f"kill spawned in {ns.name}", ns.kill_spawned)
         for ns in everyone:
             step(f"kill processes in {ns.name}", ns.kill_all)
-        for ns in [*inners, *self.guests, self]:
+        for ns in [*inners, *reversed(made)]:
             step(f"delete {ns.name}", ns.delete)
         for ns in everyone:
             if ns.exists():
