@@ -504,18 +504,29 @@ class Bench:
         """Workloads (a)-(g) on one activated path, appending to ``out[key]``."""
         w = self.settings.workloads
         add = lambda key, value: out.setdefault(key, []).append(value)  # noqa: E731
+        def busy(key: str, workload: Callable[[], Any]) -> Any:
+            """Run ``workload``; record the proxies' CPU use meanwhile, % of one core."""
+            pids = path.proxy_pids()
+            before = sum(cpu_seconds(pid) for pid in pids)
+            start = time.monotonic()
+            result = workload()
+            wall = time.monotonic() - start
+            if pids:
+                add(key, 100 * (sum(cpu_seconds(pid) for pid in pids) - before) / wall)
+            return result
+
         if "a" in w:
-            add("a_up", self.iperf(reverse=False))
-            add("a_down", self.iperf(reverse=True))
+            add("a_up", busy("a_up_cpu", lambda: self.iperf(reverse=False)))
+            add("a_down", busy("a_down_cpu", lambda: self.iperf(reverse=True)))
             log(f"  (a) up {out['a_up'][-1]:.2f} down {out['a_down'][-1]:.2f} Gbit/s")
         if "b" in w:
-            r = self.wrk(2, 32, close=True)
+            r = busy("b_cpu", lambda: self.wrk(2, 32, close=True))
             add("b_rps", r.rps)
             add("b_p99", r.p99)
             add("b_err", r.errors)
             log(f"  (b) {r}")
         if "c" in w:
-            r = self.wrk(2, 32)
+            r = busy("c_cpu", lambda: self.wrk(2, 32))
             add("c_rps", r.rps)
             add("c_p99", r.p99)
             add("c_err", r.errors)
@@ -663,11 +674,21 @@ def profile(bench: Bench, mesh: MeshPath, directory: str) -> None:
                 out = os.path.join(directory, f"{name}-{who}-{pid}.txt")
                 spies.append((who, out, subprocess.Popen(
                     [spy, "record", "--pid", str(pid), "--duration", str(secs + 1),
-                     "--rate", "250", "--nolineno", "--format", "raw", "-o", out],
+                     "--rate", "250", "--nonblocking", "--nolineno", "--format", "raw",
+                     "-o", out],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             time.sleep(0.5)
+            cpu_before = {pid: cpu_seconds(pid) for pid in mesh.proxy_pids()}
+            wall = time.monotonic()
             result = workload()
+            wall = time.monotonic() - wall
             log(f"profile {name}: {result}")
+            print(f"\n## {name}: {result}\n")
+            for pid, before in cpu_before.items():
+                used = cpu_seconds(pid) - before
+                print(f"- CPU of {process_name(pid)} ({pid}): {100 * used / wall:.0f} % of one "
+                      f"core over {wall:.1f} s (sampled stacks below include time blocked in "
+                      f"epoll_wait as EPollReactor.doPoll)")
             for who, out, proc in spies:
                 try:
                     proc.wait(timeout=secs + 30)
@@ -677,6 +698,16 @@ def profile(bench: Bench, mesh: MeshPath, directory: str) -> None:
                 print(summarize_profile(out) if os.path.exists(out) else "(no profile)")
     finally:
         mesh.deactivate()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ppid(pid: int) -> int | None:
@@ -743,6 +774,11 @@ ROWS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     ("f_per_conn", "(f) PSS per held connection, KiB", "lo", "{:.1f}", PATHS[1:]),
     ("f_after", "(f) PSS after they closed, MiB", "lo", "mib", PATHS[1:]),
     ("g_ok", "(g) of 10,000 concurrent, served within 30 s", "hi", "{:.0f}", PATHS),
+    ("a_up_cpu", "proxies' CPU during (a) upload, % of one core", "lo", "{:.0f}", PATHS[1:]),
+    ("a_down_cpu", "proxies' CPU during (a) download, % of one core", "lo", "{:.0f}",
+     PATHS[1:]),
+    ("b_cpu", "proxies' CPU during (b), % of one core", "lo", "{:.0f}", PATHS[1:]),
+    ("c_cpu", "proxies' CPU during (c), % of one core", "lo", "{:.0f}", PATHS[1:]),
     ("g_fresh", "(g) fresh request afterwards served (of reps)", "hi", "frac", PATHS),
 )
 
@@ -777,7 +813,8 @@ def table(results: dict[str, dict[str, list[float]]], bridges: dict[str, dict[in
             else:
                 v = statistics.median(vals)
                 cell = _fmt(fmt, v, vals)
-                if p != "direct" and base and fmt != "frac" and key != "e_ratio":
+                if p != "direct" and base and fmt != "frac" and key != "e_ratio" \
+                        and not key.endswith("_cpu"):
                     cell += f" ({v / base:.2f}×)"
                 cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
