@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -218,6 +219,10 @@ def parse_wrk(text: str) -> WrkResult:
     )
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors += int(non2xx.group(1)) if non2xx else 0
+    done = re.search(r"^\s*(\d+) requests in", text, re.M)
+    if done is not None and int(done.group(1)) == 0:
+        # Nothing answered: wrk prints 0 latencies, which must not read as fast.
+        return WrkResult(0.0, math.inf, math.inf, errors)
     return WrkResult(float(rps.group(1)), _ms(pct["50"]), _ms(pct["99"]), errors)
 
 
@@ -390,14 +395,15 @@ class Bench:
         """``one-tproxy ARGV`` in the hypervisor namespace."""
         return self.host.tproxy(*argv, timeout=timeout, check=check)
 
-    def add_tproxy_bridge(self, bridge: str) -> None:
+    def add_tproxy_bridge(self, bridge: str, stop: bool = True) -> None:
         """The one_tproxy_BR state for ``bridge``: by the driver, or by hand when it is
-        not implemented yet; the mesh is left stopped."""
+        not implemented yet; the mesh is left stopped unless ``stop`` is false."""
         if self.state != "by hand":
             done = self.host.up(bridge, check=False)
             if done.ok:
                 self.state = "by the driver"
-                self.tproxy("stop", timeout=60)
+                if stop:
+                    self.tproxy("stop", timeout=60)
                 return
             if self.state == "by the driver" or done.returncode != 2:
                 done.check()  # a driver that exists and fails is an error, not a fallback
@@ -550,7 +556,7 @@ class Bench:
                 stalled = self.wrk(1, 4)
             add("e_p99", without.p99)
             add("e_stall_p99", stalled.p99)
-            add("e_ratio", stalled.p99 / without.p99 if without.p99 else float("nan"))
+            add("e_ratio", stalled.p99 / without.p99 if without.p99 else math.inf)
             log(f"  (e) without {without}\n      stalled({report['ok']}) {stalled}")
         if "f" in w:
             self.memory(path, out)
@@ -593,9 +599,13 @@ class Bench:
                        out: dict[str, dict[int, int]]) -> None:
         """(h) total PSS of the mesh (and of the haproxy chain) with 1, 10, 50 bridges."""
         for target in self.settings.bridges:
+            started = time.monotonic()
             while len(self.host.bridges) < target:
                 br = self.host.add_bridge()
-                self.add_tproxy_bridge(br)
+                self.add_tproxy_bridge(br, stop=False)
+            log(f"  (h) {target} bridges up in {time.monotonic() - started:.1f} s")
+            if mesh is None and self.state == "by the driver":
+                self.tproxy("stop", timeout=60)  # `up` started it; haproxy needs the ports
             if mesh is not None:
                 mesh.activate()
                 time.sleep(2.0)
@@ -784,6 +794,8 @@ ROWS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
 
 
 def _fmt(fmt: str, value: float, values: Sequence[float] = ()) -> str:
+    if math.isinf(value):
+        return "no reply"
     if fmt == "mib":
         return f"{value / 1024:.1f}"
     if fmt == "frac":
@@ -814,7 +826,7 @@ def table(results: dict[str, dict[str, list[float]]], bridges: dict[str, dict[in
                 v = statistics.median(vals)
                 cell = _fmt(fmt, v, vals)
                 if p != "direct" and base and fmt != "frac" and key != "e_ratio" \
-                        and not key.endswith("_cpu"):
+                        and not key.endswith("_cpu") and math.isfinite(v * base):
                     cell += f" ({v / base:.2f}×)"
                 cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
