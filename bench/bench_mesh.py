@@ -592,6 +592,7 @@ class Bench:
         out.setdefault("g_ok", []).append(report["ok"])
         out.setdefault("g_elapsed", []).append(report["elapsed"])
         out.setdefault("g_fresh", []).append(1.0 if fresh.ok else 0.0)
+        out.setdefault("g_fresh_ms", []).append(fresh_ms if fresh.ok else math.inf)
         log(f"  (g) {report['ok']}/{n} in {report['elapsed']} s (errors {report['errors']}); "
             f"fresh request {'ok' if fresh.ok else 'FAILED'} in {fresh_ms:.0f} ms")
 
@@ -784,12 +785,14 @@ ROWS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     ("f_per_conn", "(f) PSS per held connection, KiB", "lo", "{:.1f}", PATHS[1:]),
     ("f_after", "(f) PSS after they closed, MiB", "lo", "mib", PATHS[1:]),
     ("g_ok", "(g) of 10,000 concurrent, served within 30 s", "hi", "{:.0f}", PATHS),
+    ("g_fresh", "(g) fresh request afterwards served (of reps)", "hi", "frac", PATHS),
+    ("g_fresh_ms", "(g) fresh request afterwards, ms (curl, incl. process start)", "lo",
+     "{:.0f}", PATHS),
     ("a_up_cpu", "proxies' CPU during (a) upload, % of one core", "lo", "{:.0f}", PATHS[1:]),
     ("a_down_cpu", "proxies' CPU during (a) download, % of one core", "lo", "{:.0f}",
      PATHS[1:]),
     ("b_cpu", "proxies' CPU during (b), % of one core", "lo", "{:.0f}", PATHS[1:]),
     ("c_cpu", "proxies' CPU during (c), % of one core", "lo", "{:.0f}", PATHS[1:]),
-    ("g_fresh", "(g) fresh request afterwards served (of reps)", "hi", "frac", PATHS),
 )
 
 
