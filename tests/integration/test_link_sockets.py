@@ -1,0 +1,158 @@
+"""RootLink and InnerLink over real sockets: a UNIX socket pair and loopback TCP (no root needed).
+
+The unit tests in tests/test_link.py use fake transports; these check the
+same splice against Twisted's real transports, where half-close, producers
+and resets are the kernel's: an echo through the link with a FIN each way,
+a refused open seen by the guest as a reset, and a large transfer intact.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from tproxy.config import Limits
+from tproxy.link import InnerLink, RootLink
+from tproxy.model import Destination
+
+
+@implementer(IHalfCloseableProtocol)
+class _Echo(protocol.Protocol):
+    """Echoes everything; answers a FIN with a FIN once its data is out."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@implementer(IHalfCloseableProtocol)
+class _Client(protocol.Protocol):
+    """A guest: sends a payload, half-closes, collects the answer and how the connection ended."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = bytearray()
+        self.done: defer.Deferred[BaseException] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)  # type: ignore[union-attr]
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.done.callback(reason.value)
+
+
+class _One(protocol.Factory):
+    def __init__(self, proto: protocol.Protocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: object) -> protocol.Protocol:
+        return self.proto
+
+
+class LinkSocketTests(unittest.TestCase):
+    """The links splice real TCP connections over a real UNIX socket pair."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        echo = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        # A port nobody listens on: bound and closed again.
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+        s.close()
+        self.services = {
+            5030: Destination("127.0.0.1", echo.getHost().port),
+            6000: Destination("127.0.0.1", dead_port),
+        }
+        self.root = RootLink(reactor, "lnk0", self.services.get, Limits(), ping_interval=None)
+        self.inner = InnerLink(reactor, lambda ports: None, Limits(), bridge="lnk0")
+        a, b = socket.socketpair()
+        for sock, link in ((a, self.root), (b, self.inner)):
+            sock.setblocking(False)
+            reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _One(link))
+            sock.close()
+        self.listeners = {}
+        for port in (5030, 6000, 7000):
+            p = reactor.listenTCP(0, self.inner.guest_factory(port), interface="127.0.0.1")
+            self.addCleanup(p.stopListening)
+            self.listeners[port] = p.getHost().port
+        self.addCleanup(self._close_links)
+
+    def _close_links(self) -> defer.Deferred[object]:
+        for link in (self.root, self.inner):
+            if link.transport is not None:
+                link.transport.loseConnection()
+        return defer.gatherResults([self.root.closed, self.inner.closed])
+
+    def _guest(self, service_port: int, payload: bytes) -> _Client:
+        client = _Client(payload)
+        cc = protocol.ClientCreator(self.reactor, lambda: client)
+        cc.connectTCP("127.0.0.1", self.listeners[service_port])
+        return client
+
+    @defer.inlineCallbacks
+    def test_echo_with_half_close(self):  # type: ignore[no-untyped-def]
+        """A guest's request and FIN cross the link; the echo and its FIN come back, no reset."""
+        payload = os.urandom(3_000_000)
+        client = self._guest(5030, payload)
+        reason = yield client.done
+        self.assertIsInstance(reason, error.ConnectionDone)
+        self.assertEqual(bytes(client.received), payload)
+        yield self._settle()
+        self.assertEqual((self.root.stream_count, self.inner.stream_count), (0, 0))
+        self.assertEqual(self.root.counters.resets_sent, {})
+        self.assertEqual(self.inner.counters.resets_sent, {})
+
+    @defer.inlineCallbacks
+    def test_parallel_streams(self):  # type: ignore[no-untyped-def]
+        """Twenty guests at once each get exactly their own bytes back."""
+        payloads = [os.urandom(50_000 + i) for i in range(20)]
+        clients = [self._guest(5030, p) for p in payloads]
+        yield defer.gatherResults([c.done for c in clients])
+        for c, p in zip(clients, payloads, strict=True):
+            self.assertEqual(bytes(c.received), p)
+
+    @defer.inlineCallbacks
+    def test_unknown_service_resets_guest(self):  # type: ignore[no-untyped-def]
+        """A port without a destination ends the guest's connection with a reset."""
+        client = self._guest(7000, b"hello")
+        reason = yield client.done
+        self.assertNotIsInstance(reason, error.ConnectionDone)
+        self.assertEqual(bytes(client.received), b"")
+
+    @defer.inlineCallbacks
+    def test_refused_destination_resets_guest(self):  # type: ignore[no-untyped-def]
+        """A destination that refuses the connection resets the guest."""
+        client = self._guest(6000, b"hello")
+        reason = yield client.done
+        self.assertNotIsInstance(reason, error.ConnectionDone)
+        self.assertEqual(sum(self.inner.counters.refused.values()), 1)
+
+    def _settle(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.reactor.callLater(0.05, d.callback, None)
+        return d

@@ -1,0 +1,1 @@
+"""Tests of the sans-I/O String-Phone protocol core."""

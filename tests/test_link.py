@@ -1,0 +1,692 @@
+"""Tests for tproxy.link: RootLink and InnerLink wired in memory, TCP sides on fake transports."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from tests.fake_transport import FakeTransport
+from tproxy.config import Limits
+from tproxy.link import InnerLink, RootLink
+from tproxy.model import Destination
+from tproxy.protocol import frames as fr
+from tproxy.protocol.frames import Reason
+
+DEST = Destination("10.11.12.13", 5030)
+
+
+class Harness:
+    """A root and an inner link joined by two fake UNIX transports, and a fake reactor."""
+
+    def __init__(
+        self,
+        window: int = fr.DEFAULT_WINDOW,
+        limits: Limits = Limits(),  # noqa: B008
+        services: dict[int, Destination] | None = None,
+        ping_interval: float | None = None,
+    ) -> None:
+        self.reactor = MemoryReactorClock()
+        self.services = {5030: DEST} if services is None else services
+        self.configs: list[frozenset[int]] = []
+        self.root = RootLink(
+            self.reactor,
+            "br0",
+            self.services.get,
+            limits,
+            initial_window=window,
+            ping_interval=ping_interval,
+        )
+        self.inner = InnerLink(
+            self.reactor,
+            self.configs.append,
+            limits,
+            bridge="br0",
+            initial_window=window,
+            ping_interval=ping_interval,
+        )
+        self.rt = FakeTransport(self.root)
+        self.it = FakeTransport(self.inner)
+        self.transports = [self.rt, self.it]
+        self.root_closed: list[None] = []
+        self.inner_closed: list[None] = []
+        self.root.closed.addCallback(self.root_closed.append)
+        self.inner.closed.addCallback(self.inner_closed.append)
+        self.root.makeConnection(self.rt)
+        self.inner.makeConnection(self.it)
+        self.drain_unix = True
+        self.pump()
+
+    def pump(self) -> None:
+        """Carry bytes both ways and deliver pending losses until nothing moves."""
+        for _ in range(10000):
+            moved = False
+            if self.drain_unix:
+                data = self.rt.take()
+                if data and not self.it.lost:
+                    self.inner.dataReceived(data)
+                    moved = True
+                data = self.it.take()
+                if data and not self.rt.lost:
+                    self.root.dataReceived(data)
+                    moved = True
+            for t in list(self.transports):
+                moved = t.deliver_loss() or moved
+            if not moved:
+                return
+        raise AssertionError("pump did not settle")
+
+    def guest(
+        self, port: int = 5030, host: str = "169.254.3.4", gport: int = 41000
+    ) -> FakeTransport:
+        """A guest connects to the inner proxy's listener of ``port``."""
+        proto = self.inner.guest_factory(port).buildProtocol(IPv4Address("TCP", host, gport))
+        t = FakeTransport(proto, peer=IPv4Address("TCP", host, gport))
+        self.transports.append(t)
+        proto.makeConnection(t)
+        self.pump()
+        return t
+
+    def service(self, index: int = -1, limit: int | None = None) -> FakeTransport:
+        """The root's pending connect attempt number ``index`` succeeds."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+        t = FakeTransport(proto, peer=IPv4Address("TCP", host, port), limit=limit)
+        self.transports.append(t)
+        proto.makeConnection(t)
+        self.pump()
+        return t
+
+    def service_fails(self, exc: Exception, index: int = -1) -> None:
+        """The root's pending connect attempt number ``index`` fails with ``exc``."""
+        factory = self.reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(exc))
+        self.pump()
+
+    def stream(self) -> tuple[FakeTransport, FakeTransport]:
+        """A guest connection spliced to a service connection."""
+        g = self.guest()
+        s = self.service()
+        return g, s
+
+
+class OpenTests(unittest.TestCase):
+    """Opening streams: lookup, connect, refusals."""
+
+    def test_connect_to_mapped_destination(self) -> None:
+        """An open makes the root connect to the bridge's destination with the connect timeout."""
+        h = Harness()
+        g = h.guest()
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        host, port, _f, timeout, _b = h.reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("10.11.12.13", 5030, 5.0))
+        self.assertFalse(g.reading, "guest must stay paused until the open result")
+        h.service()
+        self.assertTrue(g.reading)
+        self.assertEqual((h.root.counters.accepted, h.inner.counters.accepted), (1, 1))
+
+    def test_lookup_at_open_time(self) -> None:
+        """A changed map applies to the next stream (reload)."""
+        h = Harness()
+        h.guest()
+        h.services[5030] = Destination("10.0.0.2", 80)
+        h.guest(gport=2)
+        self.assertEqual(h.reactor.tcpClients[1][:2], ("10.0.0.2", 80))
+
+    def test_unknown_service(self) -> None:
+        """A port the bridge's map does not have gets the guest reset, without a connect."""
+        h = Harness()
+        g = h.guest(port=9999)
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual(h.inner.counters.refused, {Reason.UNKNOWN_SERVICE: 1})
+        self.assertEqual(h.root.counters.refused, {Reason.UNKNOWN_SERVICE: 1})
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+
+    def test_connect_failures(self) -> None:
+        """Refused, timed-out and unreachable connects reset the guest with that reason."""
+        cases = [
+            (error.ConnectionRefusedError(), Reason.REFUSED),
+            (error.TimeoutError(), Reason.TIMED_OUT),
+            (error.NoRouteError(), Reason.UNREACHABLE),
+        ]
+        for exc, reason in cases:
+            h = Harness()
+            g = h.guest()
+            h.service_fails(exc)
+            self.assertTrue(g.aborted, reason)
+            self.assertEqual(h.inner.counters.refused, {reason: 1})
+            self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+            self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_failure_affects_no_other_stream(self) -> None:
+        """One failed connect leaves another open stream alone."""
+        h = Harness()
+        g1, s1 = h.stream()
+        g2 = h.guest(gport=2)
+        h.service_fails(error.ConnectionRefusedError())
+        self.assertTrue(g2.aborted)
+        self.assertFalse(g1.aborted or s1.aborted)
+        g1.protocol.dataReceived(b"ping")
+        h.pump()
+        self.assertEqual(s1.take(), b"ping")
+
+    def test_lookup_failure(self) -> None:
+        """A lookup that raises refuses the stream (INTERNAL_ERROR) and keeps the link."""
+        h = Harness()
+
+        def broken(port: int) -> Destination | None:
+            raise RuntimeError("map unreadable")
+
+        h.root.lookup = broken
+        g = h.guest()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.INTERNAL_ERROR: 1})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(h.rt.disconnecting)
+
+    def test_endpoint_failure(self) -> None:
+        """An endpoint that cannot even be built refuses the stream as unreachable."""
+        h = Harness()
+
+        def no_endpoint(dest: Destination) -> object:
+            raise ValueError("bad destination")
+
+        h.root._endpoint_for = no_endpoint  # type: ignore[assignment]
+        g = h.guest()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.UNREACHABLE: 1})
+
+    def test_too_many_streams_per_bridge(self) -> None:
+        """Beyond the bridge's stream limit a new guest is reset, the others stay."""
+        h = Harness(limits=Limits(max_streams_per_bridge=2))
+        h.guest(gport=1)
+        h.guest(gport=2)
+        g3 = h.guest(gport=3)
+        self.assertTrue(g3.aborted)
+        self.assertEqual(h.root.counters.refused, {Reason.TOO_MANY_STREAMS: 1})
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+
+    def test_too_many_streams_per_guest(self) -> None:
+        """Beyond one guest's limit that guest is reset; another guest still gets through."""
+        h = Harness(limits=Limits(max_streams_per_guest=1))
+        h.guest(gport=1)
+        self.assertTrue(h.guest(gport=2).aborted)
+        self.assertFalse(h.guest(host="169.254.3.5").aborted)
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+
+    def test_guest_limit_released(self) -> None:
+        """A guest's closed stream no longer counts against its limit."""
+        h = Harness(limits=Limits(max_streams_per_guest=1))
+        g = h.guest(gport=1)
+        h.service_fails(error.ConnectionRefusedError())
+        self.assertTrue(g.aborted)
+        self.assertFalse(h.guest(gport=2).aborted)
+
+    def test_guest_leaves_while_connecting(self) -> None:
+        """A guest that resets before the service answers cancels the connect attempt."""
+        h = Harness()
+        g = h.guest()
+        g.peer_reset()
+        h.pump()
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual(h.inner.counters.resets_sent, {Reason.ABORTED: 1})
+
+
+class SpliceTests(unittest.TestCase):
+    """Bytes, FINs and resets cross the link."""
+
+    def test_data_both_ways(self) -> None:
+        """Guest bytes reach the service and service bytes reach the guest, in order."""
+        h = Harness()
+        g, s = h.stream()
+        for i in range(5):
+            g.protocol.dataReceived(b"req%d;" % i)
+        h.pump()
+        self.assertEqual(s.take(), b"req0;req1;req2;req3;req4;")
+        s.protocol.dataReceived(b"response")
+        h.pump()
+        self.assertEqual(g.take(), b"response")
+        self.assertEqual(h.inner.counters.bytes_to_link, 25)
+        self.assertEqual(h.inner.counters.bytes_from_link, 8)
+
+    def test_half_close_guest_first(self) -> None:
+        """A guest FIN shuts the service's write side; the response still flows, then all closes."""
+        h = Harness()
+        g, s = h.stream()
+        g.protocol.dataReceived(b"GET /")
+        g.peer_eof()
+        h.pump()
+        self.assertEqual(s.take(), b"GET /")
+        self.assertTrue(s.write_closed)
+        self.assertFalse(s.disconnecting)
+        s.protocol.dataReceived(b"200 OK")
+        h.pump()
+        self.assertEqual(g.take(), b"200 OK")
+        s.peer_eof()
+        h.pump()
+        self.assertTrue(g.write_closed)
+        self.assertTrue(g.lost and s.lost)
+        self.assertFalse(g.aborted or s.aborted)
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual(h.root.counters.resets_sent, {})
+        self.assertEqual(h.inner.counters.resets_sent, {})
+
+    def test_half_close_service_first(self) -> None:
+        """A service FIN shuts the guest's write side; the guest keeps sending."""
+        h = Harness()
+        g, s = h.stream()
+        s.protocol.dataReceived(b"banner")
+        s.peer_eof()
+        h.pump()
+        self.assertEqual(g.take(), b"banner")
+        self.assertTrue(g.write_closed)
+        g.protocol.dataReceived(b"later")
+        h.pump()
+        self.assertEqual(s.take(), b"later")
+        g.peer_eof()
+        h.pump()
+        self.assertTrue(g.lost and s.lost)
+        self.assertFalse(g.aborted or s.aborted)
+
+    def test_service_reset(self) -> None:
+        """A service connection that fails resets the guest (RST)."""
+        h = Harness()
+        g, s = h.stream()
+        s.peer_reset()
+        h.pump()
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.resets_received, {Reason.ABORTED: 1})
+
+    def test_guest_reset(self) -> None:
+        """A guest that resets makes the root abort the service connection."""
+        h = Harness()
+        g, s = h.stream()
+        g.peer_reset()
+        h.pump()
+        self.assertTrue(s.aborted)
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+
+
+class FlowControlTests(unittest.TestCase):
+    """Backpressure both ways, per stream and per link."""
+
+    def test_slow_service_withholds_credit_and_pauses_guest(self) -> None:
+        """A service that does not read stops the guest's reading; draining it resumes."""
+        h = Harness(window=4096)
+        g = h.guest()
+        s = h.service(limit=1000)
+        blob = bytes(range(256)) * 40  # 10240 bytes
+        g.protocol.dataReceived(blob)
+        h.pump()
+        self.assertFalse(g.reading, "guest should be paused: window spent")
+        received = bytearray(s.take())  # drain: credit flows back
+        h.pump()
+        for _ in range(20):
+            received += s.take()
+            h.pump()
+        self.assertEqual(bytes(received), blob)
+        self.assertTrue(g.reading)
+
+    def test_window_bounds_buffered_data(self) -> None:
+        """What a stalled service holds never exceeds the window."""
+        h = Harness(window=4096)
+        g = h.guest()
+        s = h.service(limit=0)  # Never drains.
+        for _ in range(10):
+            g.protocol.dataReceived(b"x" * 3000)
+            h.pump()
+        self.assertLessEqual(len(s.written), 4096)
+        self.assertFalse(g.reading)
+
+    def test_stalled_stream_does_not_delay_another(self) -> None:
+        """With one service stalled, a second stream still moves all its data."""
+        h = Harness(window=4096)
+        g1 = h.guest(gport=1)
+        s1 = h.service(limit=0)
+        g2 = h.guest(gport=2)
+        s2 = h.service()
+        g1.protocol.dataReceived(b"a" * 20000)
+        h.pump()
+        got = bytearray()
+        for _ in range(10):
+            g2.protocol.dataReceived(b"b" * 3000)
+            h.pump()
+            got += s2.take()
+            h.pump()
+        self.assertEqual(bytes(got), b"b" * 30000)
+        self.assertLessEqual(len(s1.written), 4096)
+
+    def test_slow_guest_pauses_service(self) -> None:
+        """A guest that does not read stops the service's reading."""
+        h = Harness(window=4096)
+        g = h.guest()
+        g.set_limit(0)
+        s = h.service()
+        s.protocol.dataReceived(b"z" * 10000)
+        h.pump()
+        self.assertFalse(s.reading)
+        out = bytearray()
+        for _ in range(20):
+            out += g.take()
+            h.pump()
+        self.assertEqual(bytes(out), b"z" * 10000)
+        self.assertTrue(s.reading)
+
+    def test_full_unix_socket_pauses_every_tcp_socket(self) -> None:
+        """A full UNIX write buffer pauses all guests of the link; draining resumes them."""
+        h = Harness()
+        g1 = h.guest(gport=1)
+        h.service()
+        g2 = h.guest(gport=2)
+        h.service()
+        h.drain_unix = False
+        h.it.set_limit(10)
+        g1.protocol.dataReceived(b"x" * 100)
+        self.assertFalse(g1.reading)
+        self.assertFalse(g2.reading)
+        h.drain_unix = True
+        h.it.set_limit(None)
+        h.pump()
+        self.assertTrue(g1.reading and g2.reading)
+
+    def test_new_stream_while_link_paused(self) -> None:
+        """A guest accepted while the link is paused stays paused after its open result."""
+        h = Harness()
+        h.drain_unix = False
+        h.it.set_limit(0)
+        g = h.guest()  # Its OPEN fills the inner's UNIX buffer: the link pauses.
+        h.root.dataReceived(bytes(h.it.written))
+        h.it.written.clear()  # The root read it, but the buffer is not reported drained yet.
+        h.service()
+        h.inner.dataReceived(h.rt.take())
+        self.assertEqual(h.inner.counters.accepted, 1)
+        self.assertFalse(g.reading)
+        h.it.take()
+        self.assertTrue(g.reading)
+
+
+class LinkLifeTests(unittest.TestCase):
+    """Config, ping, go-away, protocol errors and the link's end."""
+
+    def test_config_push(self) -> None:
+        """The root's service ports reach the inner's callback."""
+        h = Harness()
+        h.root.push_config([5030, 22])
+        h.pump()
+        self.assertEqual(h.configs, [frozenset({22, 5030})])
+
+    def test_config_callback_failure(self) -> None:
+        """A config callback that raises is logged; the link stays up."""
+        h = Harness()
+
+        def broken(ports: frozenset[int]) -> None:
+            raise RuntimeError("cannot listen")
+
+        h.inner.on_config = broken
+        h.root.push_config([5030])
+        h.pump()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(h.it.disconnecting)
+
+    def test_config_before_connection(self) -> None:
+        """Config pushed before the link is connected goes out once it is."""
+        reactor = MemoryReactorClock()
+        root = RootLink(reactor, "br1", {}.get, Limits(), ping_interval=None)
+        root.push_config([80])
+        t = FakeTransport(root)
+        root.makeConnection(t)
+        self.assertIn(fr.encode_config([80]), t.take())
+
+    def test_ping_keeps_link_alive(self) -> None:
+        """PINGs answered in time keep the link up."""
+        h = Harness(ping_interval=10.0)
+        for _ in range(10):
+            h.reactor.advance(10)
+            h.pump()
+        self.assertFalse(h.rt.disconnecting or h.it.disconnecting)
+
+    def test_ping_timeout(self) -> None:
+        """Without a PONG for the ping timeout the link is declared dead and closed."""
+        h = Harness(ping_interval=10.0)
+        h.drain_unix = False
+        h.reactor.advance(10)
+        h.reactor.advance(29)
+        self.assertFalse(h.rt.aborted)
+        h.reactor.advance(1)
+        self.assertTrue(h.rt.aborted and h.it.aborted)
+        h.pump()
+        self.assertEqual((h.root_closed, h.inner_closed), ([None], [None]))
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_root_go_away(self) -> None:
+        """After the root's go-away open streams finish, new guests are reset, then it closes."""
+        h = Harness()
+        g, s = h.stream()
+        h.root.go_away()
+        h.pump()
+        self.assertTrue(h.guest(gport=2).aborted)
+        g.protocol.dataReceived(b"still")
+        h.pump()
+        self.assertEqual(s.take(), b"still")
+        self.assertFalse(h.rt.disconnecting)
+        g.peer_eof()
+        s.peer_eof()
+        h.pump()
+        self.assertTrue(h.rt.lost and h.it.lost)
+        self.assertEqual((h.root_closed, h.inner_closed), ([None], [None]))
+        self.assertFalse(g.aborted or s.aborted)
+
+    def test_inner_go_away_when_idle(self) -> None:
+        """A go-away with no stream open closes the link at once."""
+        h = Harness()
+        h.inner.go_away()
+        h.pump()
+        self.assertEqual((h.root_closed, h.inner_closed), ([None], [None]))
+
+    def test_protocol_error_closes_link_and_resets_streams(self) -> None:
+        """Garbage from the peer ends the link with GO_AWAY and resets every stream."""
+        h = Harness()
+        g, s = h.stream()
+        h.drain_unix = False
+        h.root.dataReceived(fr.header(0x42, 0, 0))
+        out = h.rt.take()
+        self.assertIn(fr.encode_go_away(Reason.PROTOCOL_ERROR, 1), out)
+        self.assertTrue(h.rt.disconnecting)
+        h.root.dataReceived(b"more is ignored")
+        h.pump()
+        self.assertTrue(s.aborted)
+        self.assertEqual(h.root_closed, [None])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_link_loss_resets_streams_and_cancels_connects(self) -> None:
+        """When the UNIX connection drops, guests are reset and connect attempts cancelled."""
+        h = Harness()
+        g1, s1 = h.stream()
+        g2 = h.guest(gport=2)
+        h.it.peer_reset()
+        h.rt.peer_reset()
+        h.pump()
+        self.assertTrue(g1.aborted and g2.aborted and s1.aborted)
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual((h.root_closed, h.inner_closed), ([None], [None]))
+
+    def test_idle_timeout(self) -> None:
+        """A stream with no data for the idle timeout is reset; a busy one is not."""
+        h = Harness(limits=Limits(idle_timeout=60.0))
+        g1, s1 = h.stream()
+        g2, s2 = h.stream()
+        for _ in range(3):
+            h.reactor.advance(30)
+            g2.protocol.dataReceived(b"tick")
+            h.pump()
+        self.assertFalse(s1.aborted)  # 90 s: one full idle period not yet seen by a sweep.
+        h.reactor.advance(30)
+        h.pump()
+        self.assertTrue(s1.aborted and g1.aborted)
+        self.assertFalse(s2.aborted or g2.aborted)
+        self.assertEqual(h.root.counters.resets_sent, {Reason.IDLE_TIMEOUT: 1})
+        self.assertEqual(h.inner.counters.resets_received, {Reason.IDLE_TIMEOUT: 1})
+        h.rt.peer_reset()
+        h.it.peer_reset()
+        h.pump()
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+
+    def test_guest_before_link(self) -> None:
+        """A guest accepted before the link is connected is reset."""
+        reactor = MemoryReactorClock()
+        inner = InnerLink(reactor, lambda ports: None, Limits(), ping_interval=None)
+        proto = inner.guest_factory(5030).buildProtocol(None)
+        t = FakeTransport(proto)
+        proto.makeConnection(t)
+        self.assertTrue(t.aborted)
+
+
+class _Pair:
+    """One guest connection and (once connected) its service connection, with what each sent."""
+
+    def __init__(self, guest: FakeTransport, index: int) -> None:
+        self.guest = guest
+        self.index = index  # Its connect attempt in reactor.tcpClients.
+        self.service: FakeTransport | None = None
+        self.to_service = bytearray()
+        self.to_guest = bytearray()
+        self.got_service = bytearray()
+        self.got_guest = bytearray()
+        self.reset = False
+        self.g_eof = False
+        self.s_eof = False
+
+
+class RandomSpliceTests(unittest.TestCase):
+    """Random interleavings of guest and service actions keep every invariant."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        steps=st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "new",
+                        "connect",
+                        "gdata",
+                        "sdata",
+                        "geof",
+                        "seof",
+                        "greset",
+                        "sreset",
+                        "gdrain",
+                        "sdrain",
+                        "glimit",
+                        "slimit",
+                        "ulimit",
+                        "pump",
+                    ]
+                ),
+                st.integers(0, 5),
+                st.integers(1, 9000),
+            ),
+            max_size=60,
+        )
+    )
+    def test_random_actions(self, steps: list[tuple[str, int, int]]) -> None:
+        """Bytes of streams never reset arrive intact, every stream ends, nothing errs."""
+        h = Harness(window=4096)
+        pairs: list[_Pair] = []
+        counter = 0
+
+        def live(p: _Pair, t: FakeTransport | None) -> bool:
+            return t is not None and not t.lost and not t.disconnecting
+
+        def drain(p: _Pair) -> None:
+            p.got_guest += p.guest.take()
+            if p.service is not None:
+                p.got_service += p.service.take()
+
+        for action, i, n in steps:
+            p = pairs[i % len(pairs)] if pairs else None
+            if action == "new" or p is None:
+                if len(pairs) < 6:
+                    pairs.append(_Pair(h.guest(gport=len(pairs) + 1), len(pairs)))
+                continue
+            g, s = p.guest, p.service
+            if action == "connect":
+                if s is None and not p.reset and not g.lost and p.index < len(h.reactor.tcpClients):
+                    p.service = h.service(index=p.index)
+            elif action in ("gdata", "sdata"):
+                t = g if action == "gdata" else s
+                if t is not None and live(p, t) and t.reading:
+                    if (action == "gdata" and p.g_eof) or (action == "sdata" and p.s_eof):
+                        continue
+                    data = bytes((counter + k) % 256 for k in range(n))
+                    counter += n
+                    (p.to_service if action == "gdata" else p.to_guest).extend(data)
+                    t.protocol.dataReceived(data)
+            elif action in ("geof", "seof"):
+                t = g if action == "geof" else s
+                done = p.g_eof if action == "geof" else p.s_eof
+                if t is not None and live(p, t) and t.reading and not done:
+                    if action == "geof":
+                        p.g_eof = True
+                    else:
+                        p.s_eof = True
+                    t.peer_eof()
+            elif action in ("greset", "sreset"):
+                t = g if action == "greset" else s
+                if t is not None and not t.lost:
+                    p.reset = True
+                    t.peer_reset()
+            elif action in ("gdrain", "sdrain"):
+                drain(p)
+            elif action in ("glimit", "slimit"):
+                t = g if action == "glimit" else s
+                if t is not None:
+                    t.set_limit(None if t.limit is not None else n % 5000)
+            elif action == "ulimit":
+                h.drain_unix = not h.drain_unix
+            h.pump()
+
+        # Wind down: everything drains, every live stream gets its FINs.
+        h.drain_unix = True
+        h.pump()
+        for p in pairs:
+            for t in (p.guest, p.service):
+                if t is not None:
+                    t.set_limit(None)
+            if p.service is None and not p.reset and not p.guest.lost:
+                p.service = h.service(index=p.index)
+        for _ in range(200):
+            h.pump()
+            for p in pairs:
+                drain(p)
+            h.pump()
+            if not any(
+                p.guest.written or (p.service is not None and p.service.written) for p in pairs
+            ):
+                break
+        for p in pairs:
+            for attr, t in (("g_eof", p.guest), ("s_eof", p.service)):
+                if t is not None and not getattr(p, attr) and live(p, t):
+                    setattr(p, attr, True)
+                    self.assertTrue(t.reading, "a drained stream must be readable again")
+                    t.peer_eof()
+                    h.pump()
+        for _ in range(200):
+            for p in pairs:
+                drain(p)
+            h.pump()
+        for p in pairs:
+            aborted = p.guest.aborted or (p.service is not None and p.service.aborted)
+            if not p.reset and not aborted:
+                self.assertEqual(p.got_service, p.to_service)
+                self.assertEqual(p.got_guest, p.to_guest)
+            self.assertTrue(p.guest.lost)
+            if p.service is not None:
+                self.assertTrue(p.service.lost)
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual((h.root.conn.stream_count, h.inner.conn.stream_count), (0, 0))
+        self.assertEqual(self.flushLoggedErrors(), [])

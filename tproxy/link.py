@@ -1,0 +1,804 @@
+"""Twisted side of the String-Phone protocol: links over UNIX sockets, streams spliced to TCP.
+
+``RootLink`` and ``InnerLink`` are the two ends of one UNIX stream connection
+(``docs/protocol.md``); each drives a sans-I/O ``tproxy.protocol.Connection``
+and splices every stream to one TCP connection (a guest's on the inner side, the
+service's on the root side) with Twisted's producer/consumer machinery:
+
+* a stream whose send window is spent pauses reading from its TCP socket, until
+  the peer's WINDOW_UPDATE lets the backlog out (``StreamWritable``);
+* a TCP socket whose write buffer is full withholds the stream's credit: bytes
+  written to it are credited back to the peer only once the socket drains;
+* a full UNIX-socket write buffer pauses reading from *all* TCP sockets of the
+  link: one fan-in producer (``_FanIn``) is registered on the UNIX transport;
+* a FIN is carried as HALF_CLOSE and becomes ``loseWriteConnection`` on the
+  other side; a reset or a failed socket becomes RESET and ``abortConnection``.
+
+Reactor and endpoints are injected; nothing here imports the global reactor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from attrs import define, field
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tproxy.model import Destination
+from tproxy.protocol import events as ev
+from tproxy.protocol.connection import Connection, ProtocolError, Role, StreamState
+from tproxy.protocol.frames import DEFAULT_WINDOW, Reason
+
+#: Seconds between PINGs on an idle or busy link.
+PING_INTERVAL = 10.0
+#: Seconds without a PONG after which a link is declared dead.
+PING_TIMEOUT = 30.0
+
+# Why a stream's TCP socket is not being read (bit flags; read when none is set).
+_PAUSE_OPENING = 1  # inner: waiting for OPEN_RESULT
+_PAUSE_WINDOW = 2  # send window spent, backlog waiting
+_PAUSE_LINK = 4  # UNIX socket's write buffer full
+
+_PING = struct.Struct("!Q")
+
+
+class LinkLimits(TypingProtocol):
+    """The limits a link enforces (``tproxy.config.Limits`` provides them)."""
+
+    @property
+    def max_streams_per_bridge(self) -> int: ...
+    @property
+    def max_streams_per_guest(self) -> int: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float | None: ...
+
+
+@define
+class LinkCounters:
+    """Per-link counters, plain ints (read by the operations work, e.g. for STATS)."""
+
+    opened: int = 0
+    """Streams opened (inner) or requested (root)."""
+    accepted: int = 0
+    """Streams that reached the open state."""
+    refused: dict[Reason, int] = field(factory=dict)
+    """Opens refused, by reason."""
+    resets_sent: dict[Reason, int] = field(factory=dict)
+    """RESETs this side sent, by reason."""
+    resets_received: dict[Reason, int] = field(factory=dict)
+    """RESETs the peer sent, by reason."""
+    bytes_to_link: int = 0
+    """Bytes read from TCP sockets and sent on the link."""
+    bytes_from_link: int = 0
+    """Bytes received on the link and written to TCP sockets."""
+
+
+def _bump(counter: dict[Reason, int], reason: Reason) -> None:
+    counter[reason] = counter.get(reason, 0) + 1
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class _StreamProtocol(Protocol):
+    """The TCP end of one stream: a protocol on the TCP socket and the producer it throttles.
+
+    As a protocol it turns the socket's data, EOF and loss into stream commands;
+    as the producer registered on its own transport it learns when the socket's
+    write buffer is full (``pauseProducing``) and drained (``resumeProducing``),
+    which is when withheld credit goes back to the peer.
+    """
+
+    def __init__(self, link: LinkProtocol, service_port: int) -> None:
+        self.link = link
+        self.service_port = service_port
+        self.stream_id = 0
+        self.guest = ""
+        self.guest_ip: str | None = None
+        self.destination: Destination | None = None
+        self.connecting: Deferred[Any] | None = None
+        self._pause = 0
+        self._reading = True
+        self._read_eof = False
+        self._write_done = False
+        self._write_closing = False
+        self._tcp_full = False
+        self._withheld = 0
+        self.sent = 0  # TCP -> link
+        self.active = True  # data moved since the last idle sweep
+        self.received = 0  # link -> TCP
+        self.ended = False
+
+    # -- pausing reading from the TCP socket
+
+    def set_pause(self, bit: int) -> None:
+        self._pause |= bit
+        self._apply_pause()
+
+    def clear_pause(self, bit: int) -> None:
+        self._pause &= ~bit
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        t = self.transport
+        if t is None or self.ended or self._read_eof:
+            return
+        want = not self._pause
+        if want != self._reading:
+            self._reading = want
+            if want:
+                t.resumeProducing()  # type: ignore[attr-defined]
+            else:
+                t.pauseProducing()  # type: ignore[attr-defined]
+
+    # -- IPushProducer, registered on our own TCP transport
+
+    def pauseProducing(self) -> None:
+        """The TCP socket's write buffer is full: withhold credit from now on."""
+        self._tcp_full = True
+
+    def resumeProducing(self) -> None:
+        """The TCP socket drained: return the withheld credit."""
+        self._tcp_full = False
+        if self._withheld:
+            n, self._withheld = self._withheld, 0
+            self.link.conn.consumed(self.stream_id, n)
+            self.link.flush()
+
+    def stopProducing(self) -> None:
+        """The TCP transport is closing; connectionLost follows."""
+
+    # -- the TCP socket's side
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._reading = True
+        self.link._tcp_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        link = self.link
+        if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
+            return
+        self.sent += len(data)
+        self.active = True
+        link.counters.bytes_to_link += len(data)
+        conn = link.conn
+        conn.send_data(self.stream_id, data)
+        if conn.buffered(self.stream_id):
+            self.set_pause(_PAUSE_WINDOW)
+        link.flush()
+
+    def readConnectionLost(self) -> None:
+        """The TCP peer sent FIN: carry it as HALF_CLOSE."""
+        if self._read_eof:
+            return
+        self._read_eof = True
+        state = self.link.conn.stream_state(self.stream_id)
+        if state is StreamState.OPEN or state is StreamState.HALF_CLOSED_REMOTE:
+            self.link.conn.half_close(self.stream_id)
+            self.link.flush()
+        self._maybe_finish()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out on the TCP socket."""
+        self._write_done = True
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._read_eof and self._write_done and self.transport is not None:
+            # Our producer was unregistered by close_write(), so this really closes.
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self.ended:
+            return
+        self.ended = True
+        self.link._tcp_lost(self, reason)
+
+    # -- the link's side
+
+    def deliver(self, data: bytes) -> None:
+        """Stream data from the link: write it, credit it now or when the socket drains."""
+        self.received += len(data)
+        self.active = True
+        self.transport.write(data)  # type: ignore[union-attr]
+        if self._tcp_full:
+            self._withheld += len(data)
+        else:
+            self.link.conn.consumed(self.stream_id, len(data))
+
+    def close_write(self) -> None:
+        """The peer's FIN: shut down our socket's write side once its buffer is out."""
+        if self._write_closing or self.transport is None:
+            return
+        self._write_closing = True
+        self._withheld = 0
+        self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        """Reset the TCP connection (RST) or cancel the connect attempt."""
+        if self.connecting is not None:
+            d, self.connecting = self.connecting, None
+            d.cancel()
+        if self.transport is not None and not self.ended:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+@implementer(IPushProducer)
+class _FanIn:
+    """The one producer registered on a link's UNIX transport: pauses all its TCP sockets."""
+
+    def __init__(self, link: LinkProtocol) -> None:
+        self.link = link
+
+    def pauseProducing(self) -> None:
+        self.link._set_link_paused(True)
+
+    def resumeProducing(self) -> None:
+        self.link._set_link_paused(False)
+
+    def stopProducing(self) -> None:
+        """The UNIX transport is closing; connectionLost follows."""
+
+
+class LinkProtocol(Protocol):
+    """Common machinery of both link ends: drives a ``Connection`` over a UNIX transport.
+
+    Subclasses handle the role-specific events; this class owns the stream
+    table, the pause fan-in, the ping timer, go-away and ``closed``.
+    """
+
+    role: Role
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        *,
+        bridge: str = "",
+        initial_window: int = DEFAULT_WINDOW,
+        ping_interval: float | None = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        self.reactor = reactor
+        self.bridge = bridge
+        self.conn = Connection(self.role, initial_window=initial_window)
+        self.counters = LinkCounters()
+        self.closed: Deferred[None] = Deferred()
+        self._log = Logger(namespace=f"tproxy.link.{bridge or self.role.value}")
+        self._streams: dict[int, _StreamProtocol] = {}
+        self._link_paused = False
+        self._lost = False
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_call: IDelayedCall | None = None
+        self._pong_deadline: IDelayedCall | None = None
+        self._ping_ids = itertools.count(1)
+
+    @property
+    def name(self) -> str:
+        """How log lines name this link."""
+        return f"{self.role.value} link {self.bridge}".rstrip()
+
+    @property
+    def stream_count(self) -> int:
+        """Streams currently spliced (open or opening)."""
+        return len(self._streams)
+
+    # -- transport plumbing
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
+        self.flush()
+        if self._ping_interval is not None:
+            self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
+
+    def flush(self) -> None:
+        """Write what the connection queued."""
+        if self.transport is None or self._lost:
+            return
+        chunks = self.conn.data_to_send()
+        if chunks:
+            self.transport.writeSequence(chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.conn.terminated or self._lost:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            self._log.error(
+                "{link}: protocol error ({reason}): {message}; closing the link",
+                link=self.name,
+                reason=e.reason.name,
+                message=str(e),
+            )
+            self.flush()
+            self._close()
+            return
+        streams = self._streams
+        for event in events:
+            if type(event) is ev.DataReceived:
+                s = streams.get(event.stream_id)
+                if s is not None:
+                    self.counters.bytes_from_link += len(event.data)
+                    s.deliver(event.data)
+            else:
+                self._event(event)
+        self.flush()
+        self._maybe_close()
+
+    def _event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StreamWritable):
+            s = self._streams.get(event.stream_id)
+            if s is not None:
+                s.clear_pause(_PAUSE_WINDOW)
+        elif isinstance(event, ev.HalfClosed):
+            s = self._streams.get(event.stream_id)
+            if s is not None:
+                s.close_write()
+        elif isinstance(event, ev.StreamReset):
+            _bump(self.counters.resets_received, event.reason)
+            s = self._streams.get(event.stream_id)
+            if s is not None:
+                self._log.debug(
+                    "{link}: stream {sid} reset by peer ({reason})",
+                    link=self.name,
+                    sid=event.stream_id,
+                    reason=event.reason.name,
+                )
+                s.abort()
+                if s.transport is None:
+                    self._forget(s)
+        elif isinstance(event, ev.PongReceived):
+            if self._pong_deadline is not None and self._pong_deadline.active():
+                self._pong_deadline.cancel()
+            self._pong_deadline = None
+        elif isinstance(event, ev.GoAwayReceived):
+            self._log.info(
+                "{link}: peer goes away ({reason}); no new streams",
+                link=self.name,
+                reason=event.reason.name,
+            )
+        else:
+            self._role_event(event)
+
+    def _role_event(self, event: ev.Event) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._lost = True
+        for call in (self._ping_call, self._pong_deadline):
+            if call is not None and call.active():
+                call.cancel()
+        streams = list(self._streams.values())
+        if streams:
+            self._log.info(
+                "{link}: link closed with {n} streams open; resetting them",
+                link=self.name,
+                n=len(streams),
+            )
+        for s in streams:
+            s.abort()
+            self._forget(s)
+        self._log.info("{link}: link closed", link=self.name)
+        self.closed.callback(None)
+
+    # -- streams
+
+    def _tcp_connected(self, s: _StreamProtocol) -> None:
+        raise NotImplementedError
+
+    def _tcp_lost(self, s: _StreamProtocol, reason: Failure) -> None:
+        """A stream's TCP connection is gone: if the stream still lives, reset it."""
+        if s.stream_id and self.conn.stream_state(s.stream_id) is not StreamState.CLOSED:
+            if not self._lost:
+                self.conn.reset(s.stream_id, Reason.ABORTED)
+                _bump(self.counters.resets_sent, Reason.ABORTED)
+                self.flush()
+        self._log.debug(
+            "{link}: stream {sid} closed (guest {guest}, service port {port}{dest}): "
+            "{sent} bytes to the link, {received} bytes from it",
+            link=self.name,
+            sid=s.stream_id,
+            guest=s.guest,
+            port=s.service_port,
+            dest=f", destination {s.destination}" if s.destination is not None else "",
+            sent=s.sent,
+            received=s.received,
+        )
+        self._forget(s)
+        self._maybe_close()
+
+    def _forget(self, s: _StreamProtocol) -> None:
+        if self._streams.get(s.stream_id) is s:
+            del self._streams[s.stream_id]
+
+    def _set_link_paused(self, paused: bool) -> None:
+        if paused == self._link_paused:
+            return
+        self._link_paused = paused
+        for s in list(self._streams.values()):
+            if paused:
+                s.set_pause(_PAUSE_LINK)
+            else:
+                s.clear_pause(_PAUSE_LINK)
+
+    # -- ping, go-away
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        if self._lost:
+            return
+        self.conn.ping(_PING.pack(next(self._ping_ids)))
+        self.flush()
+        if self._pong_deadline is None:
+            self._pong_deadline = self.reactor.callLater(self._ping_timeout, self._dead)
+        assert self._ping_interval is not None
+        self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
+
+    def _dead(self) -> None:
+        self._pong_deadline = None
+        self._log.error(
+            "{link}: no PONG for {timeout} seconds; the link is dead, closing it",
+            link=self.name,
+            timeout=self._ping_timeout,
+        )
+        if self.transport is not None and not self._lost:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def go_away(self) -> None:
+        """Graceful: refuse new streams, let open ones finish, then close the link."""
+        self.conn.go_away()
+        self.flush()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        conn = self.conn
+        if (
+            (conn.go_away_sent or conn.go_away_received)
+            and not self._streams
+            and self.transport is not None
+            and not self._lost
+            and not conn.terminated
+        ):
+            self._close()
+
+    def _close(self) -> None:
+        """Close the UNIX connection once its buffer is written.
+
+        The fan-in producer is unregistered first: a transport whose streaming
+        producer is paused resumes it instead of closing when its buffer drains,
+        and with no stream left nothing would ever write again.
+        """
+        t = self.transport
+        if t is not None:
+            t.unregisterProducer()  # type: ignore[attr-defined]
+            t.loseConnection()
+
+
+class RootLink(LinkProtocol):
+    """The root proxy's end of one inner proxy's link.
+
+    Each OPEN is looked up with ``lookup(service_port)`` (the bridge's current
+    map, so a reload takes effect for new streams); the destination is connected
+    through ``endpoint_for(destination)`` (by default a ``TCP4ClientEndpoint``
+    with the limits' connect timeout).
+    """
+
+    role = Role.ROOT
+
+    def __init__(
+        self,
+        reactor: Any,
+        bridge: str,
+        lookup: Callable[[int], Destination | None],
+        limits: LinkLimits,
+        *,
+        endpoint_for: Callable[[Destination], IStreamClientEndpoint] | None = None,
+        initial_window: int = DEFAULT_WINDOW,
+        ping_interval: float | None = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            reactor,
+            bridge=bridge,
+            initial_window=initial_window,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
+        self.lookup = lookup
+        self.limits = limits
+        self._endpoint_for = endpoint_for or self._tcp_endpoint
+        self._per_guest: dict[str, int] = {}
+        self._idle_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        idle = self.limits.idle_timeout
+        if idle:
+            self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
+
+    def _idle_sweep(self, idle: float) -> None:
+        """Reset streams that moved no byte during the last ``idle`` seconds.
+
+        A stream idle for between ``idle`` and twice ``idle`` seconds is reset
+        (one sweep per period, one flag per stream: no timer per stream).
+        """
+        self._idle_call = None
+        if self._lost:
+            return
+        for s in list(self._streams.values()):
+            if s.active or s.transport is None:
+                s.active = False
+                continue
+            self._log.info(
+                "{link}: stream {sid} ({guest} -> {dest}) idle for {idle} seconds; resetting it",
+                link=self.name,
+                sid=s.stream_id,
+                guest=s.guest,
+                dest=str(s.destination),
+                idle=idle,
+            )
+            self.conn.reset(s.stream_id, Reason.IDLE_TIMEOUT)
+            _bump(self.counters.resets_sent, Reason.IDLE_TIMEOUT)
+            s.abort()
+        self.flush()
+        self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        super().connectionLost(reason)
+
+    def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
+        reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
+        return TCP4ClientEndpoint(
+            reactor, dest.addr, dest.port, timeout=self.limits.connect_timeout
+        )
+
+    def push_config(self, service_ports: Iterable[int]) -> None:
+        """Send the inner proxy the service ports of its bridge."""
+        self.conn.push_config(frozenset(service_ports))
+        self.flush()
+
+    def _refuse(self, sid: int, reason: Reason, why: str) -> None:
+        self.conn.refuse(sid, reason)
+        _bump(self.counters.refused, reason)
+        self._log.warn(
+            "{link}: stream {sid} refused ({reason}): {why}",
+            link=self.name,
+            sid=sid,
+            reason=reason.name,
+            why=why,
+        )
+
+    def _role_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.OpenRequested):
+            self._open(event)
+        # StatsReceived: reserved; counters for the operations work, ignored in version 1.
+
+    def _open(self, event: ev.OpenRequested) -> None:
+        sid, port, guest = event.stream_id, event.service_port, event.guest_host
+        self.counters.opened += 1
+        where = f"service port {port} from guest {guest}:{event.guest_port}"
+        try:
+            dest = self.lookup(port)
+        except Exception:
+            self._log.failure(
+                "{link}: looking up service port {port} failed", link=self.name, port=port
+            )
+            self._refuse(sid, Reason.INTERNAL_ERROR, f"{where}: the lookup failed")
+            return
+        if dest is None:
+            self._refuse(sid, Reason.UNKNOWN_SERVICE, f"{where}: no such service on this bridge")
+            return
+        if len(self._streams) >= self.limits.max_streams_per_bridge:
+            self._refuse(
+                sid,
+                Reason.TOO_MANY_STREAMS,
+                f"{where}: {len(self._streams)} streams open, the bridge's limit",
+            )
+            return
+        if self._per_guest.get(guest, 0) >= self.limits.max_streams_per_guest:
+            self._refuse(
+                sid,
+                Reason.TOO_MANY_STREAMS,
+                f"{where}: the guest has {self._per_guest[guest]} streams open, its limit",
+            )
+            return
+        s = _StreamProtocol(self, port)
+        s.stream_id = sid
+        s.guest = f"{guest}:{event.guest_port}"
+        s.destination = dest
+        self._streams[sid] = s
+        self._per_guest[guest] = self._per_guest.get(guest, 0) + 1
+        s.guest_ip = guest
+        if self._link_paused:
+            s._pause |= _PAUSE_LINK
+        try:
+            d = connectProtocol(self._endpoint_for(dest), s)
+        except Exception:
+            d = fail()
+        s.connecting = d
+        d.addErrback(self._connect_failed, s, where)
+
+    def _forget(self, s: _StreamProtocol) -> None:
+        if self._streams.get(s.stream_id) is s:
+            del self._streams[s.stream_id]
+            ip = s.guest_ip
+            if ip is not None:
+                left = self._per_guest.get(ip, 1) - 1
+                if left > 0:
+                    self._per_guest[ip] = left
+                else:
+                    self._per_guest.pop(ip, None)
+
+    def _tcp_connected(self, s: _StreamProtocol) -> None:
+        s.connecting = None
+        if self._lost or self.conn.stream_state(s.stream_id) is not StreamState.OPENING:
+            s.abort()
+            return
+        self.conn.accept(s.stream_id)
+        self.counters.accepted += 1
+        self._log.debug(
+            "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
+            link=self.name,
+            sid=s.stream_id,
+            guest=s.guest,
+            dest=str(s.destination),
+            port=s.service_port,
+        )
+        s._apply_pause()
+        self.flush()
+
+    def _connect_failed(self, failure: Failure, s: _StreamProtocol, where: str) -> None:
+        s.connecting = None
+        if failure.check(CancelledError, ierror.ConnectingCancelledError):
+            self._forget(s)
+            return None
+        if failure.check(ierror.ConnectionRefusedError):
+            reason = Reason.REFUSED
+        elif failure.check(ierror.TimeoutError):
+            reason = Reason.TIMED_OUT
+        else:
+            reason = Reason.UNREACHABLE
+        self._forget(s)
+        if not self._lost:
+            self._refuse(
+                s.stream_id,
+                reason,
+                f"{where}: connecting to {s.destination} failed: {failure.getErrorMessage()}",
+            )
+            self.flush()
+            self._maybe_close()
+        return None
+
+
+class _GuestFactory(Factory):
+    """Builds the protocol of each guest connection accepted on one service port."""
+
+    noisy = False
+
+    def __init__(self, link: InnerLink, service_port: int) -> None:
+        self.link = link
+        self.service_port = service_port
+
+    def buildProtocol(self, addr: Any) -> _StreamProtocol:
+        return _StreamProtocol(self.link, self.service_port)
+
+
+class InnerLink(LinkProtocol):
+    """The inner proxy's end of its link to the root.
+
+    ``guest_factory(port)`` gives the factory for the listening endpoint of a
+    service port: each accepted guest connection opens one stream, stays
+    paused until the root's answer, and is reset (RST) if the root refuses.
+    ``on_config`` receives the root's CONFIG pushes.
+    """
+
+    role = Role.INNER
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        on_config: Callable[[frozenset[int]], None],
+        limits: LinkLimits | None = None,
+        *,
+        bridge: str = "",
+        initial_window: int = DEFAULT_WINDOW,
+        ping_interval: float | None = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            reactor,
+            bridge=bridge,
+            initial_window=initial_window,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
+        self.on_config = on_config
+        self.limits = limits
+
+    def guest_factory(self, service_port: int) -> IProtocolFactory:
+        """The factory for the guests' listening endpoint of ``service_port``."""
+        return _GuestFactory(self, service_port)
+
+    def _tcp_connected(self, s: _StreamProtocol) -> None:
+        peer = s.transport.getPeer()  # type: ignore[union-attr]
+        host = getattr(peer, "host", "0.0.0.0")
+        gport = getattr(peer, "port", 0)
+        s.guest = f"{host}:{gport}"
+        if self._lost or self.transport is None or not self.conn.may_open:
+            _bump(self.counters.refused, Reason.SHUTTING_DOWN)
+            self._log.info(
+                "{link}: guest {guest} on port {port} reset: the link is going away",
+                link=self.name,
+                guest=s.guest,
+                port=s.service_port,
+            )
+            s.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        s.set_pause(_PAUSE_OPENING)
+        if self._link_paused:
+            s.set_pause(_PAUSE_LINK)
+        s.stream_id = self.conn.open_stream(s.service_port, host, gport)
+        self.counters.opened += 1
+        self._streams[s.stream_id] = s
+        self.flush()
+
+    def _role_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StreamAccepted):
+            s = self._streams.get(event.stream_id)
+            if s is not None:
+                self.counters.accepted += 1
+                self._log.debug(
+                    "{link}: stream {sid} open: guest {guest} (service port {port})",
+                    link=self.name,
+                    sid=event.stream_id,
+                    guest=s.guest,
+                    port=s.service_port,
+                )
+                s.clear_pause(_PAUSE_OPENING)
+        elif isinstance(event, ev.StreamRefused):
+            _bump(self.counters.refused, event.reason)
+            s = self._streams.get(event.stream_id)
+            if s is not None:
+                self._log.info(
+                    "{link}: guest {guest} on port {port} refused by the root ({reason})",
+                    link=self.name,
+                    guest=s.guest,
+                    port=s.service_port,
+                    reason=event.reason.name,
+                )
+                s.abort()
+        elif isinstance(event, ev.ConfigReceived):
+            self._log.info(
+                "{link}: service ports from the root: {ports}",
+                link=self.name,
+                ports=sorted(event.service_ports),
+            )
+            try:
+                self.on_config(event.service_ports)
+            except Exception:
+                self._log.failure("{link}: applying the service ports failed", link=self.name)
