@@ -542,6 +542,8 @@ class Bench:
             with self.bulk_downloads() as procs:
                 busy = self.wrk(1, 4)
                 running = sum(p.poll() is None for p in procs)
+            add("d_rps", alone.rps)
+            add("d_bulk_rps", busy.rps)
             add("d_p50", alone.p50)
             add("d_p99", alone.p99)
             add("d_bulk_p50", busy.p50)
@@ -775,6 +777,7 @@ ROWS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     ("c_p99", "(c) keep-alive, p99 ms", "lo", "{:.2f}", PATHS),
     ("d_p50", "(d) -c4 latency alone, p50 ms", "lo", "{:.3f}", PATHS),
     ("d_p99", "(d) -c4 latency alone, p99 ms", "lo", "{:.3f}", PATHS),
+    ("d_bulk_rps", "(d) -c4 with 4 downloads, req/s (few = starved)", "hi", "{:.0f}", PATHS),
     ("d_bulk_p50", "(d) -c4 latency with 4 downloads, p50 ms", "lo", "{:.3f}", PATHS),
     ("d_bulk_p99", "(d) -c4 latency with 4 downloads, p99 ms", "lo", "{:.3f}", PATHS),
     ("e_p99", "(e) -c4 p99 without stalled readers, ms", "lo", "{:.3f}", PATHS),
