@@ -92,6 +92,15 @@ class TableTests(unittest.TestCase):
         self.assertIn("| (h) PSS per extra bridge, MiB | n/a | 1.00 | 5.56 |", text)
         self.assertNotIn("(b)", text)
 
+    def test_starved_is_missed(self) -> None:
+        """(d) with a good p50 over a starved rate is MISSED, with the rates shown."""
+        results = {
+            "haproxy": {"d_bulk_p50": [5.0], "d_bulk_rps": [700.0]},
+            "one-tproxy": {"d_bulk_p50": [1.0], "d_bulk_rps": [28.0]},
+        }
+        out = "\n".join(bm.targets(results, {}))
+        self.assertIn("0.20× (but 28 req/s against the chain's 700: starved) - MISSED", out)
+
     def test_targets(self) -> None:
         """Each target says holds, MISSED or not measured."""
         out = "\n".join(bm.targets(self.results, self.bridges))
