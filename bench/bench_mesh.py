@@ -46,6 +46,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -220,7 +221,7 @@ def parse_wrk(text: str) -> WrkResult:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors += int(non2xx.group(1)) if non2xx else 0
     done = re.search(r"^\s*(\d+) requests in", text, re.M)
-    if done is not None and int(done.group(1)) == 0:
+    if (done is not None and int(done.group(1)) == 0) or _ms(pct["50"]) == 0.0:
         # Nothing answered: wrk prints 0 latencies, which must not read as fast.
         return WrkResult(0.0, math.inf, math.inf, errors)
     return WrkResult(float(rps.group(1)), _ms(pct["50"]), _ms(pct["99"]), errors)
@@ -472,15 +473,22 @@ class Bench:
         """``n`` curl downloads of /large running (killed by PID on exit)."""
         url = self.guest.service_url(HTTP_PORT, "/large")
         limit = str(self.settings.wrk_secs + 30)
+        errs = [tempfile.TemporaryFile() for _ in range(n)]
         procs = [
-            self.guest.spawn(["curl", "-s", "--noproxy", "*", "-o", "/dev/null",
-                              "--max-time", limit, url])
-            for _ in range(n)
+            self.guest.spawn(["curl", "-sS", "--noproxy", "*", "-o", "/dev/null",
+                              "--max-time", limit, url], stderr=err)
+            for err in errs
         ]
         try:
             time.sleep(1.0)
             yield procs
         finally:
+            for p, err in zip(procs, errs, strict=True):
+                if p.poll() is not None:
+                    err.seek(0)
+                    why = err.read().decode(errors="replace").strip()
+                    log(f"  a bulk download ended early: exit {p.returncode} {why[:200]}")
+                err.close()
             _stop(procs, self.guest)
 
     @contextlib.contextmanager
