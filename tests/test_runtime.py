@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from tproxy.runtime import DaemonRuntime
+from tproxy.runtime import DaemonRuntime, HeapTrimmer, _load_libc, _MallInfo2
 from tproxy.settings import Paths
 
 log = Logger(namespace="tests.runtime")
@@ -73,3 +74,59 @@ class DaemonRuntimeTests(unittest.TestCase):
         log.warn("filtered")
         self.assertNotIn("filtered", self.log_text())
         rt.reopen()
+
+
+class FakeLibc:
+    """mallinfo2/malloc_trim of a heap whose free bytes the test sets."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.trimmed: list[int] = []
+
+    def mallinfo2(self) -> _MallInfo2:
+        info = _MallInfo2()
+        info.fordblks = self.free
+        return info
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trimmed.append(pad)
+        self.free = 0
+        return 1
+
+
+class HeapTrimmerTests(unittest.TestCase):
+    """Free C-heap memory is given back after bursts, and only then."""
+
+    def test_trims_above_threshold(self) -> None:
+        """A check trims when more than the threshold is free, not below it."""
+        libc = FakeLibc(free=100)
+        trimmer = HeapTrimmer(Clock(), threshold=1000, libc=libc)
+        self.assertFalse(trimmer.check())
+        libc.free = 5000
+        self.assertTrue(trimmer.check())
+        self.assertEqual((libc.trimmed, trimmer.trims), ([0], 1))
+        self.assertFalse(trimmer.check())
+
+    def test_periodic(self) -> None:
+        """Started, it looks every interval; stopped, never again."""
+        clock = Clock()
+        libc = FakeLibc(free=5000)
+        trimmer = HeapTrimmer(clock, interval=2.0, threshold=1000, libc=libc)
+        trimmer.start()
+        clock.advance(1.0)
+        self.assertEqual(libc.trimmed, [])
+        clock.advance(1.0)
+        self.assertEqual(libc.trimmed, [0])
+        trimmer.stop()
+        libc.free = 5000
+        clock.advance(10.0)
+        self.assertEqual(libc.trimmed, [0])
+
+    def test_real_libc(self) -> None:
+        """This machine's glibc reports its heap and trims it."""
+        if _load_libc() is None:
+            raise unittest.SkipTest("no glibc mallinfo2/malloc_trim here")
+        trimmer = HeapTrimmer(Clock(), threshold=0)
+        self.assertTrue(trimmer.available)
+        self.assertGreaterEqual(trimmer.free_bytes(), 0)
+        self.assertTrue(trimmer.check())

@@ -255,10 +255,24 @@ def _stream_count(link: object) -> int | None:
 # -- the program ------------------------------------------------------------
 
 
+#: The exact option order the template and the spawner pass.
+_FIXED_OPTIONS = ("--config", "--log-dir", "--run-dir")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """``BR --config PATH --log-dir DIR --run-dir DIR``."""
     from tproxy import settings
 
+    # The launchers' own fixed form is read without argparse: in a child forked
+    # from the template, building a parser would copy ~1.3 MB of shared pages
+    # (refcounts of the code it runs).
+    if argv is not None and len(argv) == 7 and tuple(argv[1::2]) == _FIXED_OPTIONS:
+        bridge, _, config, _, log_dir, _, run_dir = argv
+        if bridge and not bridge.startswith("-") and config and log_dir and run_dir:
+            paths = settings.Paths(config=config, log_dir=log_dir, run_dir=run_dir)
+            return argparse.Namespace(
+                bridge=bridge, config=config, log_dir=log_dir, run_dir=run_dir, paths=paths
+            )
     parser = argparse.ArgumentParser(prog="python -m tproxy.inner")
     parser.add_argument("bridge")
     parser.add_argument("--config", default=None)
@@ -375,6 +389,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     service.attach(link)
 
     hup.attach(reactor, daemon.reload)
+    runtime.HeapTrimmer(reactor).start()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
     log.info("inner proxy {title} started (pid {pid})", title=title, pid=os.getpid())

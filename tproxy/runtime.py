@@ -9,8 +9,11 @@ level.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tproxy.config import Config, ConfigError, Limits, load_config, log_level
@@ -19,6 +22,101 @@ from tproxy.rlimits import raise_nofile_limit
 from tproxy.settings import Paths
 
 log = Logger(namespace="tproxy.runtime")
+
+#: Seconds between looks at the C heap's free memory.
+TRIM_INTERVAL = 2.0
+#: Free bytes in the C heap above which they are given back to the kernel.
+TRIM_THRESHOLD = 1 << 20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+            "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+class HeapTrimmer:
+    """Gives the C heap's free memory back to the kernel after a burst of connections ends.
+
+    glibc keeps freed memory in its heap (holes below the top are never
+    returned by ``free``), so a proxy that held thousands of connections
+    stayed bigger once they closed. Every ``interval`` seconds this looks at
+    the heap's free bytes (``mallinfo2``) and, above ``threshold``, calls
+    ``malloc_trim(0)``. Without glibc (no ``mallinfo2``) it does nothing.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        interval: float = TRIM_INTERVAL,
+        threshold: int = TRIM_THRESHOLD,
+        libc: Any = None,
+    ) -> None:
+        self.threshold = threshold
+        self.interval = interval
+        self.trims = 0
+        self._libc = libc if libc is not None else _load_libc()
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = reactor
+
+    @property
+    def available(self) -> bool:
+        """Whether the C library can report and trim its heap."""
+        return self._libc is not None
+
+    def free_bytes(self) -> int:
+        """Free bytes held in the C heap (0 when unknown)."""
+        if self._libc is None:
+            return 0
+        info: _MallInfo2 = self._libc.mallinfo2()
+        return int(info.fordblks)
+
+    def check(self) -> bool:
+        """Trim when enough is free; whether it trimmed."""
+        if self._libc is None or self.free_bytes() < self.threshold:
+            return False
+        self._libc.malloc_trim(0)
+        self.trims += 1
+        return True
+
+    def start(self) -> None:
+        """Look every ``interval`` seconds from now on."""
+        if self._libc is not None and not self._loop.running:
+            self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        """Stop looking."""
+        if self._loop.running:
+            self._loop.stop()
+
+
+_libc: list[Any] = []
+
+
+def _load_libc() -> Any:
+    """glibc with ``mallinfo2``/``malloc_trim`` typed, or None (looked up once per process tree).
+
+    The template calls this before it forks, so an inner proxy neither
+    searches for the library nor copies the pages that doing so touches.
+    """
+    if not _libc:
+        try:
+            libc = ctypes.CDLL(None)  # the symbols the process already has: libc's
+            mallinfo2 = libc.mallinfo2
+            trim = libc.malloc_trim
+        except (OSError, AttributeError):
+            _libc.append(None)
+        else:
+            mallinfo2.restype = _MallInfo2
+            mallinfo2.argtypes = []
+            trim.restype = ctypes.c_int
+            trim.argtypes = [ctypes.c_size_t]
+            _libc.append(libc)
+    return _libc[0]
 
 
 class DaemonRuntime:
