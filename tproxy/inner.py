@@ -389,7 +389,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     service.attach(link)
 
     hup.attach(reactor, daemon.reload)
-    runtime.HeapTrimmer(reactor).start()
+    runtime.MemoryReclaimer(reactor).start()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
     log.info("inner proxy {title} started (pid {pid})", title=title, pid=os.getpid())

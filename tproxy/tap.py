@@ -24,7 +24,7 @@ from tproxy.metrics import BridgeStats
 from tproxy.observe import status_document
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
-from tproxy.runtime import DaemonRuntime, HeapTrimmer
+from tproxy.runtime import DaemonRuntime, MemoryReclaimer
 from tproxy.spawn import Launcher, SpawnLauncher, TemplateLauncher
 
 log = Logger(namespace="tproxy.tap")
@@ -128,7 +128,7 @@ class RootDaemon(MultiService):
         signal.signal(signal.SIGHUP, self._hup)
         self.runtime.prepare(begin_logging=False)
         self.root.settings = self.runtime.config
-        HeapTrimmer(self._reactor).start()
+        MemoryReclaimer(self._reactor).start()
         if self._set_title:
             import setproctitle
 
