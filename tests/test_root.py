@@ -294,6 +294,22 @@ class RootReloadTests(unittest.TestCase):
             inner.die("exit code 0")
         self.assertEqual(h.empty, 1)
 
+    def test_bridge_added_while_exiting(self) -> None:
+        """A bridge added while the last old one drains keeps the root running and serving it."""
+        h = self.h
+        h.maps = {}
+        h.root.reload()
+        h.maps = {"br2": {5030: C}}
+        h.root.reload()
+        for inner in h.launcher.running("br0") + h.launcher.running("br1"):
+            inner.die("exit code 0")
+        self.assertEqual(h.empty, 0)
+        self.assertEqual([i.bridge for i in h.launcher.running("br2")], ["br2"])
+        h.maps = {}
+        h.root.reload()
+        h.launcher.running("br2")[0].die("exit code 0")
+        self.assertEqual(h.empty, 1)
+
     def test_sighup_forwarded_and_logs(self) -> None:
         """A reload reopens the log, re-reads the level, and SIGHUPs every inner."""
         h = self.h

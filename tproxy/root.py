@@ -416,7 +416,16 @@ class RootService(MultiService):
         self._empty_called = True
         log.info("no bridge is configured: the root proxy exits")
         leaving = list(self._leaving)
-        DeferredList(leaving).addCallback(lambda _: self._on_empty())
+        DeferredList(leaving).addCallback(self._exit_if_empty)
+
+    def _exit_if_empty(self, result: object) -> None:
+        # `up` of a new bridge may have reloaded us while the old inners drained:
+        # its `start` saw this root running, so exiting now would leave it unserved.
+        if self.supervisors():
+            self._empty_called = False
+            log.info("bridges configured again: the root proxy keeps running")
+            return
+        self._on_empty()
 
     def reload(self) -> None:
         """SIGHUP's work: settings, logs, maps, inner proxies (DESIGN.md 2.4)."""
