@@ -210,9 +210,10 @@ class InnerSupervisor(Service):
         self.process = process
         self._started_at = self._reactor.seconds()
         log.info(
-            "bridge {bridge}: inner proxy one_tproxy_{bridge} started (pid {pid})",
+            "bridge {bridge}: inner proxy one_tproxy_{bridge} started{pid}",
             bridge=self.bridge,
-            pid=process.pid,
+            # A forked inner's pid comes later (the launcher logs it then).
+            pid="" if process.pid is None else f" (pid {process.pid})",
         )
         link.push_config(sorted(self.services))
         link.closed.addBoth(self._link_closed, link)
