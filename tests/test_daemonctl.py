@@ -262,3 +262,30 @@ class LockTests(unittest.TestCase):
         c.lock = busy
         self.assertEqual(c.stop(), 1)
         self.assertIn("held", w.err[0])
+
+
+class TwistdArgvTests(unittest.TestCase):
+    """The command line ``start`` gives twistd, as twistd itself reads it."""
+
+    def test_no_log_file_rotation(self) -> None:
+        """twistd's own log goes to a discarding observer, never to a (rotated) file.
+
+        With ``--logfile=/dev/null`` twistd's LogFile renamed the host's /dev/null
+        away at 1 MB and wrote a regular file in its place.
+        """
+        from twisted.application.app import AppLogger
+        from twisted.logger import ILogObserver
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        argv = twistd_argv(PATHS)
+        self.assertEqual(argv[1:3], ["-c", "from twisted.scripts.twistd import run; run()"])
+        options = ServerOptions()
+        options.parseOptions(argv[3:])
+        self.assertEqual(options.subCommand, "one-tproxy")
+        self.assertEqual(options.subOptions.paths, PATHS)
+        self.assertIsNotNone(options["logger"])
+        observer = options["logger"]()
+        self.assertTrue(ILogObserver.providedBy(observer))
+        observer({"log_format": "dropped", "log_level": None})
+        # twistd opens its --logfile only when no --logger factory is given.
+        self.assertIs(AppLogger(options)._observerFactory, options["logger"])

@@ -7,8 +7,8 @@ proxies are the ``one_tproxy_BR`` processes it started (their parent), plus,
 when no root runs, those of the bridges that this host's nftables maps name
 (orphans, which normally exit by themselves).
 
-``start`` runs ``twistd one-tproxy`` (no pid file, twistd's own log to
-/dev/null: the daemon writes ``LOG_DIR/one_tproxy.log``) and waits, bounded,
+``start`` runs ``twistd one-tproxy`` (no pid file, twistd's own log
+discarded: the daemon writes ``LOG_DIR/one_tproxy.log``) and waits, bounded,
 until the root and an inner proxy per mapped bridge are up. ``stop`` sends
 SIGTERM and really waits until the processes are gone (OpenNebula's restart
 did not), killing what outlives the grace period. The driver
@@ -113,7 +113,7 @@ def twistd_argv(paths: Paths, executable: str = sys.executable) -> list[str]:
         "-c",
         "from twisted.scripts.twistd import run; run()",
         "--pidfile=",
-        "--logfile=/dev/null",
+        "--logger=tproxy.logs.discard_observer",
         "--rundir=/",
         "--umask=0022",
         "one-tproxy",

@@ -215,9 +215,10 @@ class InnerSupervisor(Service):
         self.process = process
         self._started_at = self._reactor.seconds()
         log.info(
-            "bridge {bridge}: inner proxy one_tproxy_{bridge} started (pid {pid})",
+            "bridge {bridge}: inner proxy one_tproxy_{bridge} started{pid}",
             bridge=self.bridge,
-            pid=process.pid,
+            # A forked inner's pid comes later (the launcher logs it then).
+            pid="" if process.pid is None else f" (pid {process.pid})",
         )
         link.push_config(sorted(self.services))
         link.closed.addBoth(self._link_closed, link)
@@ -421,7 +422,16 @@ class RootService(MultiService):
         self._empty_called = True
         log.info("no bridge is configured: the root proxy exits")
         leaving = list(self._leaving)
-        DeferredList(leaving).addCallback(lambda _: self._on_empty())
+        DeferredList(leaving).addCallback(self._exit_if_empty)
+
+    def _exit_if_empty(self, result: object) -> None:
+        # `up` of a new bridge may have reloaded us while the old inners drained:
+        # its `start` saw this root running, so exiting now would leave it unserved.
+        if self.supervisors():
+            self._empty_called = False
+            log.info("bridges configured again: the root proxy keeps running")
+            return
+        self._on_empty()
 
     def reload(self) -> None:
         """SIGHUP's work: settings, logs, maps, inner proxies (DESIGN.md 2.4)."""
