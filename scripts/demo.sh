@@ -46,18 +46,32 @@ show() {
     local where=$1; shift
     echo "${D}${where}#${N} $*"
     case "$where" in
-        host) "$@" ;;
-        *) nsenter --net="/run/netns/$where" -- "$@" ;;
+        host) "$@" 9>&- ;;
+        *) nsenter --net="/run/netns/$where" -- "$@" 9>&- ;;
     esac
 }
-in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" -- "$@"; }
+# (9>&-: the demo's lock stays with the demo, not with the daemons it starts)
+in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" -- "$@" 9>&-; }
 fail() { echo "${R}demo: step $STEP failed: $*${N}" >&2; FAILED=1; exit 1; }
+
+# Guests talk to 169.254.16.9 directly: no HTTP proxy from the caller's environment.
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "demo: must run as root (it builds network namespaces and nftables state)" >&2
     echo "demo: FAILED"
     exit 1
 fi
+
+# One demo at a time: two would tear down each other's topology.
+exec 9>/run/one-tproxy-demo.lock
+if ! flock -n 9; then
+    echo "demo: another demo is running (lock /run/one-tproxy-demo.lock)" >&2
+    echo "demo: FAILED"
+    exit 1
+fi
+
+SERVICE_PIDS=()
 
 # ---------------------------------------------------------------- teardown
 pids_in_ns() {  # PIDs of every process whose network namespace is /run/netns/$1
@@ -77,7 +91,9 @@ teardown() {
             in_ns "$HV" timeout 30 "$REPO/.venv/bin/one-tproxy" stop >/dev/null 2>&1 || true
         fi
     fi
-    # Whatever still lives in the demo's namespaces is the demo's own: services, proxies.
+    # The services the demo started, by PID; then whatever still lives in the demo's
+    # namespaces, which is the demo's own too (proxies).
+    [ "${#SERVICE_PIDS[@]}" -gt 0 ] && kill "${SERVICE_PIDS[@]}" 2>/dev/null
     for ns in "$VM1" "$VM2" "$NS" "$HV"; do
         pids=$(pids_in_ns "$ns")
         [ -n "$pids" ] && kill $pids 2>/dev/null
@@ -114,7 +130,8 @@ FINISHED=0
 WORK=""
 finish() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM   # the teardown itself must not be cut short by a second Ctrl-C
     [ "$FINISHED" = 1 ] && exit "$rc"
     FINISHED=1
     if [ "$KEEP" = 1 ] && [ "$FAILED" = 0 ] && [ "$rc" = 0 ]; then
@@ -192,16 +209,19 @@ cat > "$WORK/onegate/index.html" <<'EOF'
 {"service": "OneGate (demo)", "message": "hello from the front-end, through one-tproxy"}
 EOF
 echo "custom service (demo): you reached 127.0.0.1:8080 of the hypervisor" > "$WORK/custom/index.html"
-in_ns "$HV" "$PY" tests/integration/services.py http --bind 127.0.0.1 --port 5030 \
-    --dir "$WORK/onegate" >/dev/null 2>&1 &
-in_ns "$HV" "$PY" tests/integration/services.py http --bind 127.0.0.1 --port 8080 \
-    --dir "$WORK/custom" >/dev/null 2>&1 &
+# nsenter execs the service, so $! is the service's own PID.
+nsenter --net="/run/netns/$HV" -- "$PY" tests/integration/services.py http \
+    --bind 127.0.0.1 --port 5030 --dir "$WORK/onegate" >/dev/null 2>&1 9>&- &
+SERVICE_PIDS+=($!)
+nsenter --net="/run/netns/$HV" -- "$PY" tests/integration/services.py http \
+    --bind 127.0.0.1 --port 8080 --dir "$WORK/custom" >/dev/null 2>&1 9>&- &
+SERVICE_PIDS+=($!)
 for port in 5030 8080; do
     for _ in $(seq 100); do
-        in_ns "$HV" curl -s -o /dev/null --noproxy '*' "http://127.0.0.1:$port/" && break
+        in_ns "$HV" curl -s -o /dev/null "http://127.0.0.1:$port/" && break
         sleep 0.05
     done
-    in_ns "$HV" curl -s -o /dev/null --noproxy '*' "http://127.0.0.1:$port/" \
+    in_ns "$HV" curl -s -o /dev/null "http://127.0.0.1:$port/" \
         || fail "service on 127.0.0.1:$port did not start"
 done
 info "\"OneGate\" on 127.0.0.1:5030, a custom service on 127.0.0.1:8080 (in $HV only)"
@@ -231,7 +251,7 @@ sed 's/^/      /' "$ONE_TPROXY_CONFIG"
 show "$HV" "$OT" endpoints --network demo-net || fail "endpoints"
 
 step "one-tproxy up $BR --network demo-net   (what OpenNebula's network driver runs)"
-show "$HV" "$OT" up "$BR" --network demo-net || fail "one-tproxy up failed"
+show "$HV" "$OT" up "$BR" --network demo-net -v || fail "one-tproxy up failed"
 
 # ---------------------------------------------------------------- 4. look around
 step "one-tproxy status"
@@ -258,38 +278,41 @@ show "$HV" ip -br link show master "$BR"
 # ---------------------------------------------------------------- 5. guests
 step "guests fetch http://169.254.16.9:5030/ (OneGate)"
 for vm in "$VM1" "$VM2"; do
-    out=$(show "$vm" curl -sS --noproxy '*' --max-time 10 http://169.254.16.9:5030/) \
+    out=$(show "$vm" curl -sS --max-time 10 http://169.254.16.9:5030/) \
         || fail "$vm could not fetch OneGate: $out"
     echo "$out"
     grep -q OneGate <<<"$out" || fail "unexpected answer from OneGate"
 done
 
 step "a guest fetches the custom service at http://169.254.16.9:1234/"
-out=$(show "$VM1" curl -sS --noproxy '*' --max-time 10 http://169.254.16.9:1234/) \
+out=$(show "$VM1" curl -sS --max-time 10 http://169.254.16.9:1234/) \
     || fail "custom service: $out"
 echo "$out"
 grep -q "custom service" <<<"$out" || fail "unexpected answer from the custom service"
 
 step "port 4321 belongs to another network: refused here"
-if out=$(show "$VM1" curl -sS --noproxy '*' --max-time 5 http://169.254.16.9:4321/ 2>&1); then
+if out=$(show "$VM1" curl -sS --max-time 5 http://169.254.16.9:4321/ 2>&1); then
     fail "port 4321 answered: $out"
 fi
 echo "$out"
 info "(as expected: no listener for 4321 on this bridge)"
 
 step "the guests cannot reach the hypervisor's own network: 127.0.0.1:5030 is theirs, not the host's"
-if out=$(show "$VM1" curl -sS --noproxy '*' --max-time 3 http://127.0.0.1:5030/ 2>&1); then
+if out=$(show "$VM1" curl -sS --max-time 3 http://127.0.0.1:5030/ 2>&1); then
     fail "the guest reached 127.0.0.1:5030: $out"
 fi
 echo "$out"
 
-step "what the root proxy logged ($ONE_TPROXY_LOG_DIR/one_tproxy.log, last lines)"
-tail -n 8 "$ONE_TPROXY_LOG_DIR/one_tproxy.log" 2>/dev/null | sed 's/^/      /' \
-    || info "(no log file)"
+step "what the proxies logged (level 3 = DEBUG: every connection)"
+for log in one_tproxy "one_tproxy_$BR"; do
+    info "$ONE_TPROXY_LOG_DIR/$log.log, last lines:"
+    grep -v -E "(Starting|Stopping) factory" "$ONE_TPROXY_LOG_DIR/$log.log" 2>/dev/null \
+        | tail -n 6 | sed 's/^/      /'
+done
 
 if [ "$KEEP" != 1 ]; then
     step "one-tproxy down $BR   (the last VM of the network left this host)"
-    show "$HV" "$OT" down "$BR" || fail "one-tproxy down failed"
+    show "$HV" "$OT" down "$BR" -v || fail "one-tproxy down failed"
     for _ in $(seq 50); do [ -e "/run/netns/$NS" ] || break; sleep 0.1; done
     [ -e "/run/netns/$NS" ] && fail "$NS still exists after down"
     for _ in $(seq 50); do

@@ -1,19 +1,36 @@
-"""Options and service construction for ``twistd one-tproxy``.
+"""Options and service construction for ``twistd one-tproxy`` (the root proxy).
 
 The plugin file in ``twisted/plugins`` names this module; everything it needs
-lives here so the plugin stays one line.
+lives here so the plugin stays one line. :class:`RootDaemon` wires the real
+edges into :class:`tproxy.root.RootService`: the nftables reader, the spawn
+launcher, ``tproxy.link.RootLink`` and the reactor's ``adoptStreamConnection``.
+Its process-wide preparation (process title, open-files limit, log file,
+SIGHUP handler) happens in ``privilegedStartService``, after twistd has
+daemonized, so only the daemon itself is ever called ``one_tproxy``.
 """
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from tproxy import settings
+from tproxy.procs import ROOT_TITLE
+from tproxy.root import RootService, adopt_with
+from tproxy.runtime import DaemonRuntime
+from tproxy.spawn import Launcher, SpawnLauncher, TemplateLauncher
+
+log = Logger(namespace="tproxy.tap")
 
 
 class Options(usage.Options):
     """Command-line options of ``twistd one-tproxy`` (the same as ``one-tproxy``'s)."""
+
+    optFlags = [["spawn", None, "start inner proxies as fresh interpreters, not from a template"]]
 
     optParameters = [
         ["config", "c", None, "configuration file"],
@@ -27,6 +44,92 @@ class Options(usage.Options):
         )
 
 
+class RootDaemon(MultiService):
+    """The root proxy process: its runtime (title, limits, log, SIGHUP) and the RootService."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        paths: settings.Paths,
+        launcher: Launcher | None = None,
+        set_title: bool = True,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._set_title = set_title
+        self.runtime = DaemonRuntime(ROOT_TITLE, paths)
+        self._nft: Any = None
+        if launcher is None:
+            launcher = TemplateLauncher(reactor, paths)
+        self.launcher = launcher
+        self.root = RootService(
+            reactor,
+            self._read_maps,
+            self.runtime.config,
+            self.runtime.load,
+            launcher,
+            self._make_link,
+            adopt_with(reactor),
+            self._exit,
+            self.runtime,
+        )
+        self.root.setServiceParent(self)
+
+    def _read_maps(self) -> Any:
+        if self._nft is None:
+            from tproxy.nft import Nftables
+
+            self._nft = Nftables()
+        return self._nft.read_service_maps()
+
+    def _make_link(self, bridge: str, lookup: Any, limits: Any) -> Any:
+        from tproxy.link import RootLink
+
+        return RootLink(self._reactor, bridge, lookup, limits)
+
+    def _exit(self) -> None:
+        def stop() -> None:
+            if self._reactor.running:
+                self._reactor.stop()
+
+        self._reactor.callLater(0, stop)
+
+    def _hup(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self.root.reload)
+
+    def privilegedStartService(self) -> None:
+        # The handler first: once titled, `one-tproxy reload` may find us and
+        # SIGHUP's default action would kill the process.
+        signal.signal(signal.SIGHUP, self._hup)
+        self.runtime.prepare(begin_logging=False)
+        self.root.settings = self.runtime.config
+        if self._set_title:
+            import setproctitle
+
+            setproctitle.setproctitle(ROOT_TITLE)
+        super().privilegedStartService()
+
+
+    def stopService(self) -> Any:
+        """Stop the inner proxies (gracefully), then let the template go."""
+        d = super().stopService()
+
+        def release(result: object) -> object:
+            close = getattr(self.launcher, "close", None)
+            if close is not None:
+                close()
+            return result
+
+        return d.addBoth(release) if d is not None else release(None)
+
+
 def makeService(options: Options) -> IService:
-    """Build the root proxy's service tree (the daemon issue fills it in)."""
-    return MultiService()
+    """Build the root proxy's service tree.
+
+    ``--spawn`` starts each inner proxy as a fresh interpreter instead of
+    forking it from the template (more memory, nothing shared).
+    """
+    from twisted.internet import reactor
+
+    launcher = SpawnLauncher(reactor, options.paths) if options["spawn"] else None
+    return RootDaemon(reactor, options.paths, launcher=launcher)

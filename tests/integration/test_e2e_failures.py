@@ -28,6 +28,29 @@ class RemoteFailureTests(E2ETestCase):
         self.assertEqual(done.stdout, PAGE)
         self.assertEqual(hv.host.proxies(), before)
 
+    def test_remote_silent_times_out(self) -> None:
+        """A remote that never answers the SYN (dropped) is given up after
+        ``:tproxy_connect_timeout:``: the guest's request fails long before its own
+        timeout, the failure is logged, and another service keeps working."""
+        hv = self.hypervisor(
+            [(5030, "127.0.0.1", 5030), (1234, "127.0.0.1", 6000)],
+            services={5030: PAGE},
+            connect_timeout=1,
+        )
+        hv.host.nft(
+            "-f",
+            "-",
+            input=(
+                "table ip tqe_blackhole {\n"
+                "  chain out { type filter hook output priority 0; tcp dport 6000 drop; }\n"
+                "}\n"
+            ),
+        )
+        hv.guest.wait_serving(5030)
+        self.assert_fails_at_once(hv.guest, 1234)
+        self.assertIn("127.0.0.1:6000", hv.host.log())
+        self.assertEqual(hv.guest.curl(hv.guest.service_url(5030), check=True).stdout, PAGE)
+
 
 class KillTests(E2ETestCase):
     """Proxies killed with SIGKILL."""
@@ -59,6 +82,8 @@ class KillTests(E2ETestCase):
 
         self.kill9(before["one_tproxy"])
         self.wait_proxies(hv.host, set())
+        # Nothing of the mesh is left at all (helpers such as a template too).
+        wait_until(lambda: not hv.host.product_pids(), 10, 0.1, "no mesh process")
         code, _ = hv.host.status()
         self.assertEqual(code, 3)
         self.assertFalse(hv.guest.curl(hv.guest.service_url(5030), timeout=3).ok)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.integration.e2e import E2ETestCase
+from tests.integration.topology import SERVICE_ADDRESS
 
 MB = 2**20
 
@@ -19,6 +20,7 @@ class TransferTests(E2ETestCase):
         )
         hv.host.serve_sink(9000)
         hv.guest.wait_serving(5030)
+        hv.guest.wait_tcp(SERVICE_ADDRESS, 1234)
         down = hv.guest.start_transfer("download", 5030, 100 * MB)
         up = hv.guest.start_transfer("upload", 1234, 100 * MB)
         out_down, _ = down.communicate(timeout=120)
@@ -33,6 +35,7 @@ class TransferTests(E2ETestCase):
         which the service only sends after it saw that FIN."""
         hv = self.hypervisor([(1234, "127.0.0.1", 9000)])
         hv.host.serve_sink(9000)
+        hv.guest.wait_tcp(SERVICE_ADDRESS, 1234)
         for size in (0, 1, 300_000):
             done = hv.guest.upload(1234, size)
             self.assertEqual(done.returncode, 0, done.stdout + done.stderr)

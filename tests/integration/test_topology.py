@@ -76,7 +76,9 @@ class TopologyTests(unittest.TestCase):
         self.assertIn(f"chain ch_{br}", ruleset)
         self.assertIn(f"arp daddr ip {SERVICE_ADDRESS} drop", ruleset)
 
-        # The direct path: a server in the inner namespace on 169.254.16.9.
+        # The direct path: a server in the inner namespace on 169.254.16.9 (lo up only
+        # so that the fixture can see it listen from inside; DESIGN 2.2 leaves lo down).
+        inner.ip("link", "set", "lo", "up")
         inner_server = host.serve_http(
             8080, addr=SERVICE_ADDRESS, files={"hello.txt": "hello direct\n"}, namespace=inner
         )

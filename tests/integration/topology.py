@@ -230,13 +230,13 @@ def pids_in_netns(path: str) -> list[int]:
 
 
 def process_name(pid: int) -> str | None:
-    """``/proc/PID/cmdline`` as one string with spaces (None when the process is gone)."""
+    """``/proc/PID/cmdline`` as one string, NULs as spaces, padding stripped (None: gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             raw = f.read()
     except OSError:
         return None
-    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    return raw.replace(b"\0", b" ").strip().decode("utf-8", "replace")
 
 
 def is_alive(pid: int) -> bool:
@@ -702,7 +702,6 @@ class Host(Namespace):
         self.ip("link", "set", a, "netns", inner.name)
         self.ip("link", "set", b, "master", bridge)
         self.ip("link", "set", b, "up")
-        inner.ip("link", "set", "lo", "up")
         inner.ip("address", "add", f"{SERVICE_ADDRESS}/32", "dev", a)
         inner.ip("link", "set", a, "up")
         inner.ip("route", "replace", "default", "dev", a, "scope", "link")
@@ -853,6 +852,15 @@ class Host(Namespace):
                 if process_name(pid) == name and is_alive(pid):
                     found[name] = pid
         return found
+
+    def product_pids(self) -> list[int]:
+        """Every live process in this host's namespace and its bridges' inner namespaces
+        that the fixture did not spawn itself: the proxies and whatever they started."""
+        ours = {p.pid for ns in (self, *self.guests, *self._inners.values()) for p in ns.spawned}
+        namespaces = [self, *(self.inner(b) for b in self.bridges)]
+        return sorted(
+            pid for ns in namespaces for pid in ns.pids() if pid not in ours and is_alive(pid)
+        )
 
     # ----------------------------------------------------------------- cleanup
 

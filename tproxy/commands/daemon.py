@@ -1,18 +1,26 @@
-"""``one-tproxy`` subcommands served by this module (not implemented yet)."""
+"""``one-tproxy start|stop|restart|reload|status``: mesh control (tproxy.daemonctl)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from tproxy import daemonctl
+from tproxy.logs import cli_logging
 from tproxy.settings import Paths
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    """No options yet."""
+    """These commands take only the global options."""
 
 
 def run(name: str, args: argparse.Namespace, paths: Paths) -> int:
-    """Not implemented yet: exit 2."""
-    print(f"one-tproxy {name}: not implemented yet", file=sys.stderr)
-    return 2
+    """Run ``name``; warnings and errors of the libraries go to stderr."""
+    command = {
+        "start": daemonctl.start,
+        "stop": daemonctl.stop,
+        "restart": daemonctl.restart,
+        "reload": daemonctl.reload,
+        "status": daemonctl.status,
+    }[name]
+    with cli_logging():
+        return command(paths)

@@ -1,0 +1,225 @@
+"""Tests for tproxy.inner.InnerService: port diffs, graceful stop, link end, with fakes."""
+
+from __future__ import annotations
+
+from attrs import define, field
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from tproxy.inner import InnerService, _Hangups, parse_args
+
+
+@define(eq=False)
+class FakePort:
+    """A listening port."""
+
+    number: int
+    factory: object
+    listening: bool = True
+
+    def stopListening(self) -> Deferred[None]:
+        self.listening = False
+        return defer.succeed(None)
+
+
+@define
+class Endpoints:
+    """Makes fake endpoints and remembers every port bound."""
+
+    ports: list[FakePort] = field(factory=list)
+    refuse: set[int] = field(factory=set)
+
+    def make(self, number: int) -> FakeEndpoint:
+        return FakeEndpoint(self, number)
+
+    def listening(self) -> list[int]:
+        return sorted(p.number for p in self.ports if p.listening)
+
+
+@define
+class FakeEndpoint:
+    """A server endpoint for one port."""
+
+    owner: Endpoints
+    number: int
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[FakePort]:
+        if self.number in self.owner.refuse:
+            return defer.fail(CannotListenError("169.254.16.9", self.number, OSError("in use")))
+        port = FakePort(self.number, factory)
+        self.owner.ports.append(port)
+        return defer.succeed(port)
+
+
+@define(eq=False)
+class FakeInnerLink:
+    """The inner end of a link."""
+
+    closed: Deferred[None] = field(factory=Deferred)
+    went_away: bool = False
+    streams: int = 0
+    factories: dict[int, Factory] = field(factory=dict)
+    transport: object = None
+
+    def guest_factory(self, service_port: int) -> IProtocolFactory:
+        f = Factory()
+        self.factories[service_port] = f
+        return f
+
+    def go_away(self) -> None:
+        self.went_away = True
+
+    def stream_count(self) -> int:
+        return self.streams
+
+
+@define
+class FakeTransport:
+    """Records loseConnection."""
+
+    lost: int = 0
+
+    def loseConnection(self) -> None:
+        self.lost += 1
+
+
+class Harness:
+    """An InnerService on fakes."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.endpoints = Endpoints()
+        self.done = 0
+        self.service = InnerService(
+            self.clock, "br0", self.endpoints.make, lambda: 2.0, self.on_done
+        )
+        self.link = FakeInnerLink(transport=FakeTransport())
+        self.service.attach(self.link)  # type: ignore[arg-type]
+        self.service.startService()
+
+    def on_done(self) -> None:
+        self.done += 1
+
+
+class InnerPortsTests(unittest.TestCase):
+    """Config pushes become listening services."""
+
+    def test_push_binds(self) -> None:
+        """Each pushed port is bound with the link's guest factory for that port."""
+        h = Harness()
+        h.service.set_ports(frozenset({5030, 1234}))
+        self.assertEqual(h.endpoints.listening(), [1234, 5030])
+        for port in h.endpoints.ports:
+            self.assertIs(port.factory, h.link.factories[port.number])
+
+    def test_diff(self) -> None:
+        """A later push unbinds dropped ports, binds new ones, leaves kept ones alone."""
+        h = Harness()
+        h.service.set_ports(frozenset({5030, 1234}))
+        kept = [p for p in h.endpoints.ports if p.number == 5030][0]
+        h.service.set_ports(frozenset({5030, 80}))
+        self.assertEqual(h.endpoints.listening(), [80, 5030])
+        self.assertTrue(kept.listening)
+        self.assertEqual(len(h.endpoints.ports), 3)
+        h.service.set_ports(frozenset())
+        self.assertEqual(h.endpoints.listening(), [])
+
+    def test_bind_failure_logged(self) -> None:
+        """A port that cannot be bound is logged and retried; the others listen meanwhile."""
+        h = Harness()
+        h.endpoints.refuse = {1234}
+        h.service.set_ports(frozenset({5030, 1234}))
+        self.assertEqual(h.endpoints.listening(), [5030])
+        h.endpoints.refuse = set()
+        h.clock.advance(1.0)
+        self.assertEqual(h.endpoints.listening(), [1234, 5030])
+
+    def test_retry_stops_with_port(self) -> None:
+        """A port dropped while its bind is being retried is not bound later."""
+        h = Harness()
+        h.endpoints.refuse = {1234}
+        h.service.set_ports(frozenset({1234}))
+        h.service.set_ports(frozenset())
+        h.endpoints.refuse = set()
+        h.clock.advance(5.0)
+        self.assertEqual(h.endpoints.listening(), [])
+
+    def test_args(self) -> None:
+        """The command line carries the bridge and the three paths."""
+        args = parse_args(["br0", "--config", "/c", "--log-dir", "/l", "--run-dir", "/r"])
+        self.assertEqual(args.bridge, "br0")
+        self.assertEqual((args.paths.config, args.paths.log_dir), ("/c", "/l"))
+
+
+class InnerStopTests(unittest.TestCase):
+    """Ending the inner proxy."""
+
+    def test_link_closed(self) -> None:
+        """The end of the link (the root is gone) ends the process."""
+        h = Harness()
+        h.link.closed.callback(None)
+        self.assertEqual(h.done, 1)
+
+    def test_graceful_stop_waits_for_streams(self) -> None:
+        """Stop unbinds at once, sends go-away and finishes when the streams are done."""
+        h = Harness()
+        h.service.set_ports(frozenset({5030}))
+        h.link.streams = 2
+        d = h.service.stopService()
+        self.assertEqual(h.endpoints.listening(), [])
+        self.assertTrue(h.link.went_away)
+        h.clock.advance(1.0)
+        self.assertFalse(d.called)
+        h.link.streams = 0
+        h.clock.advance(0.1)
+        self.assertTrue(d.called)
+        self.assertEqual(h.link.transport.lost, 1)  # type: ignore[attr-defined]
+
+    def test_graceful_stop_bounded(self) -> None:
+        """Streams that outlive the grace period are closed with the link."""
+        h = Harness()
+        h.link.streams = 1
+        d = h.service.stopService()
+        h.clock.advance(1.9)
+        self.assertFalse(d.called)
+        h.clock.advance(0.2)
+        self.assertTrue(d.called)
+        self.assertIs(h.service.stopService(), d)
+
+    def test_no_push_after_stop(self) -> None:
+        """A push arriving while stopping binds nothing."""
+        h = Harness()
+        h.service.stopService()
+        h.service.set_ports(frozenset({80}))
+        self.assertEqual(h.endpoints.listening(), [])
+
+    def test_stop_after_link_closed(self) -> None:
+        """Stopping after the link ended finishes at once."""
+        h = Harness()
+        h.link.closed.callback(None)
+        self.assertTrue(h.service.stopService().called)
+
+
+class HangupTests(unittest.TestCase):
+    """SIGHUP before and after the reactor exists."""
+
+    def test_noted_then_run(self) -> None:
+        """A SIGHUP before the reactor is run once the reactor runs; later ones each run."""
+        from twisted.internet.testing import MemoryReactor
+
+        calls: list[int] = []
+        hup = _Hangups()
+        hup.signalled(1, None)
+        hup.signalled(1, None)
+        reactor = MemoryReactor()
+        reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[method-assign]
+        hup.attach(reactor, lambda: calls.append(1))
+        self.assertEqual(len(reactor.whenRunningHooks), 1)
+        reactor.run()
+        hup.signalled(1, None)
+        self.assertEqual(calls, [1, 1])

@@ -1,0 +1,43 @@
+"""Tests for tproxy.tap: the twistd plugin's options and service tree."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.plugin import IPlugin, getPlugins
+from twisted.trial import unittest
+
+from tproxy import tap
+from tproxy.root import RootService
+from tproxy.spawn import SpawnLauncher, TemplateLauncher
+
+
+class TapTests(unittest.TestCase):
+    """``twistd one-tproxy``."""
+
+    def test_options(self) -> None:
+        """The global options of the CLI, and --spawn."""
+        options = tap.Options()
+        options.parseOptions(["--config", "/c", "--log-dir", "/l", "--run-dir", "/r", "--spawn"])
+        self.assertEqual((options.paths.config, options.paths.log_dir), ("/c", "/l"))
+        self.assertTrue(options["spawn"])
+
+    def test_service_tree(self) -> None:
+        """The service is a RootDaemon holding the RootService; template launcher by default."""
+        options = tap.Options()
+        options.parseOptions(["--config", "/c", "--log-dir", "/l", "--run-dir", "/r"])
+        service = tap.makeService(options)
+        self.assertTrue(IService.providedBy(service))
+        assert isinstance(service, tap.RootDaemon)
+        self.assertIsInstance(service.root, RootService)
+        self.assertIsInstance(service.launcher, TemplateLauncher)
+        options.parseOptions(["--spawn"])
+        service = tap.makeService(options)
+        assert isinstance(service, tap.RootDaemon)
+        self.assertIsInstance(service.launcher, SpawnLauncher)
+
+    def test_plugin_found(self) -> None:
+        """twistd finds the one-tproxy plugin."""
+        from twisted import plugins
+
+        names = [getattr(p, "tapname", None) for p in getPlugins(IPlugin, plugins)]
+        self.assertIn("one-tproxy", names)

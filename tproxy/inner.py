@@ -1,0 +1,363 @@
+"""The inner proxy of one bridge: ``python -m tproxy.inner BR`` (process ``one_tproxy_BR``).
+
+Theory of operation. The root proxy starts this program with its end of a
+socket pair as fd 3. :func:`main` first enters network namespace
+``one_tproxy_BR`` (before any thread or reactor exists, and without ever
+creating it), names the process, raises its open-files limit, opens its log
+``LOG_DIR/one_tproxy_BR.log``, installs the epoll reactor and adopts fd 3 as
+its one link to the root (``tproxy.link.InnerLink``).
+
+:class:`InnerService` keeps one listening endpoint service on
+``169.254.16.9:PORT`` per service port that the root pushes, and diffs each
+push: new ports are bound, dropped ports unbound; connections already accepted
+are not touched by either. Every accepted guest connection becomes a stream on
+the link (``InnerLink.guest_factory``).
+
+It exits when the link ends (the root is gone, even after ``kill -9``: the
+socket pair reads EOF) and on SIGTERM/SIGINT: it stops listening, sends
+go-away, lets open streams finish for at most the grace period, then closes
+the link. SIGHUP re-reads the log level from the configuration file and
+reopens the log file. This process never reads nftables and never opens a TCP
+connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tproxy.model import SERVICE_ADDRESS, namespace_name
+
+log = Logger(namespace="tproxy.inner")
+
+#: How often a stopping inner proxy looks whether its streams are done.
+DRAIN_POLL = 0.05
+#: Seconds between attempts to bind a port that could not be bound.
+REBIND_DELAY = 1.0
+#: Listen backlog of the guests' ports (Twisted's default of 50 drops bursts of SYNs).
+BACKLOG = 1024
+
+
+class InnerLinkLike(Protocol):
+    """What the inner proxy uses of ``tproxy.link.InnerLink`` (besides being an IProtocol)."""
+
+    closed: Deferred[None]
+
+    def guest_factory(self, service_port: int) -> IProtocolFactory:
+        """The factory whose protocols carry accepted guest connections as streams."""
+        ...
+
+    def go_away(self) -> None:
+        """Open no more streams; let the open ones finish."""
+        ...
+
+
+class _Listener(Service):
+    """The listening service of one service port: binds, logs, retries a failed bind.
+
+    (Like ``StreamServerEndpointService``, plus a retry every ``REBIND_DELAY``
+    seconds: a port may still be held for a moment by a stopping predecessor.)
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        port: int,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+    ) -> None:
+        self.service_port = port
+        self.name = str(port)
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self._factory = factory
+        self._listening: IListeningPort | None = None
+        self._retry: IDelayedCall | None = None
+
+    @property
+    def bound(self) -> bool:
+        """Whether the port listens now."""
+        return self._listening is not None
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        self._retry = None
+        self._endpoint.listen(self._factory).addCallbacks(self._bound, self._failed)
+
+    def _bound(self, listening: IListeningPort) -> object:
+        if not self.running:
+            return listening.stopListening()
+        self._listening = listening
+        log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        return None
+
+    def _failed(self, failure: Failure) -> None:
+        log.error(
+            "cannot listen on {addr}:{port}: {error}; trying again in {delay} s",
+            addr=SERVICE_ADDRESS,
+            port=self.service_port,
+            error=failure.getErrorMessage(),
+            delay=REBIND_DELAY,
+        )
+        if self.running:
+            self._retry = self._reactor.callLater(REBIND_DELAY, self._listen)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return None
+        log.info("stopped listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        return listening.stopListening()  # type: ignore[no-any-return]
+
+
+class InnerService(MultiService):
+    """The inner proxy's service tree: one listening service per pushed service port."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        bridge: str,
+        make_endpoint: Callable[[int], IStreamServerEndpoint],
+        grace_period: Callable[[], float],
+        on_done: Callable[[], None],
+    ) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self._reactor = reactor
+        self._make_endpoint = make_endpoint
+        self._grace = grace_period
+        self._on_done = on_done
+        self.link: InnerLinkLike | None = None
+        self.ports: frozenset[int] = frozenset()
+        self._stopping: Deferred[None] | None = None
+
+    def attach(self, link: InnerLinkLike) -> None:
+        """Use ``link`` (connected to the root); its end ends this process."""
+        self.link = link
+        link.closed.addBoth(self._link_closed)
+
+    def _link_closed(self, result: object) -> None:
+        if self._stopping is None:
+            log.info("link to the root proxy closed: exiting")
+        self._on_done()
+
+    def listeners(self) -> dict[int, _Listener]:
+        """Service port -> its listening service."""
+        return {s.service_port: s for s in self if isinstance(s, _Listener)}
+
+    def set_ports(self, ports: frozenset[int]) -> None:
+        """The root's config push: bind the new ports, unbind the dropped ones."""
+        if self._stopping is not None or self.link is None:
+            return
+        ports = frozenset(ports)
+        if ports != self.ports:
+            log.info("service ports {old} -> {new}", old=sorted(self.ports), new=sorted(ports))
+        self.ports = ports
+        current = self.listeners()
+        for port in sorted(set(current) - ports):
+            current[port].disownServiceParent()
+        for port in sorted(ports - set(current)):
+            factory = self.link.guest_factory(port)
+            _Listener(self._reactor, port, self._make_endpoint(port), factory).setServiceParent(
+                self
+            )
+
+    def stopService(self) -> Deferred[None]:
+        """Graceful: unbind, go-away, wait (bounded) for streams to end, close the link."""
+        if self._stopping is not None:
+            return self._stopping
+        done: Deferred[None] = Deferred()
+        self._stopping = done
+        super().stopService()
+        link = self.link
+        if link is None or link.closed.called:
+            done.callback(None)
+            return done
+        log.info("stopping: no new connections, waiting for open ones")
+        link.go_away()
+        deadline = self._reactor.seconds() + self._grace()
+
+        def finish() -> None:
+            if not done.called:
+                transport = getattr(link, "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+                done.callback(None)
+
+        def poll() -> None:
+            if done.called:
+                return
+            count = _stream_count(link)
+            if link.closed.called or count == 0:
+                finish()
+            elif self._reactor.seconds() >= deadline:
+                log.warn(
+                    "grace period over: closing {count} open stream(s)",
+                    count="the" if count is None else count,
+                )
+                finish()
+            else:
+                self._reactor.callLater(DRAIN_POLL, poll)
+
+        poll()
+        return done
+
+
+def _stream_count(link: object) -> int | None:
+    """How many streams the link has open, if it says."""
+    count = getattr(link, "stream_count", None)
+    if callable(count):
+        count = count()
+    return count if isinstance(count, int) else None
+
+
+# -- the program ------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """``BR --config PATH --log-dir DIR --run-dir DIR``."""
+    from tproxy import settings
+
+    parser = argparse.ArgumentParser(prog="python -m tproxy.inner")
+    parser.add_argument("bridge")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--run-dir", default=None)
+    args = parser.parse_args(argv)
+    args.paths = settings.Paths.from_sources(
+        config=args.config, log_dir=args.log_dir, run_dir=args.run_dir
+    )
+    return args
+
+
+LINK_FD = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the inner proxy; the exit status."""
+    # The root forwards its SIGHUPs; until our handler is in place, ignore them
+    # (the default action would kill the process).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    args = parse_args(argv)
+    from tproxy.model import InvalidBridgeNameError, check_bridge_name
+    from tproxy.spawn import NamespaceError, enter_netns
+
+    try:
+        bridge = check_bridge_name(args.bridge)
+    except InvalidBridgeNameError as e:
+        print(f"one_tproxy inner: {e}", file=sys.stderr)
+        return 2
+    title = namespace_name(bridge)
+    try:
+        os.fstat(LINK_FD)
+    except OSError:
+        print(f"{title}: no link to the root proxy on fd {LINK_FD}", file=sys.stderr)
+        return 2
+    try:
+        enter_netns(os.path.join("/run/netns", title))
+    except NamespaceError as e:
+        print(f"{title}: {e}", file=sys.stderr)
+        return 2
+    # Order matters (the root forwards SIGHUP only to a titled inner proxy):
+    # handler, then title, then the configuration is read. A SIGHUP the root
+    # held back came before our title, so before we read the configuration.
+    hup = _Hangups()
+    signal.signal(signal.SIGHUP, hup.signalled)
+    import setproctitle
+
+    setproctitle.setproctitle(title)
+    return _run(bridge, args.paths, hup)
+
+
+class _Hangups:
+    """SIGHUP handling that works before the reactor exists (then it only notes it)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.reactor: Any = None
+        self.action: Callable[[], None] | None = None
+
+    def signalled(self, signum: int, frame: object) -> None:
+        if self.reactor is not None and self.action is not None:
+            self.reactor.callFromThread(self.action)
+        else:
+            self.pending = True
+
+    def attach(self, reactor: Any, action: Callable[[], None]) -> None:
+        """From now on each SIGHUP runs ``action`` in the reactor; one noted before, too."""
+        self.reactor = reactor
+        self.action = action
+        if self.pending:
+            self.pending = False
+            reactor.callWhenRunning(action)
+
+
+def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
+    from tproxy import runtime
+
+    title = namespace_name(bridge)
+    daemon = runtime.DaemonRuntime(title, paths)
+    daemon.prepare()
+
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    reactor: Any = _reactor
+    from tproxy.link import InnerLink
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    service = InnerService(
+        reactor,
+        bridge,
+        lambda port: TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=SERVICE_ADDRESS),
+        lambda: float(daemon.limits().grace_period),
+        stop,
+    )
+    link = InnerLink(reactor, on_config=service.set_ports, limits=daemon.limits(), bridge=bridge)
+    os.set_blocking(LINK_FD, False)
+    from tproxy.root import adopt_with
+
+    adopt_with(reactor)(LINK_FD, link)
+    os.close(LINK_FD)
+    service.attach(link)
+
+    hup.attach(reactor, daemon.reload)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(service.startService)
+    log.info("inner proxy {title} started (pid {pid})", title=title, pid=os.getpid())
+    reactor.run()
+    log.info("inner proxy {title} exits", title=title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The template process inner proxies are forked from: ``python -m tproxy.template``.
+
+A fresh interpreter with Twisted imported costs ~25-30 MB per inner proxy. The
+root instead starts this one process, which imports everything an inner proxy
+needs (without installing a reactor), freezes the garbage collector's view of
+those objects (``gc.freeze()``, so children do not dirty the shared pages) and
+then forks one child per inner proxy. A child shares the template's memory
+copy-on-write and only pays for what it changes.
+
+Control protocol on fd 3 (a SOCK_SEQPACKET socket pair made by the root), one
+message per packet, ASCII:
+
+* root -> template: ``launch SEQ BRIDGE`` with the link's fd attached
+  (SCM_RIGHTS);
+* template -> root: ``started SEQ PID``, ``failed SEQ REASON``, and for each
+  reaped child ``exited PID WAITSTATUS``.
+
+The template keeps no copy of a link fd after the fork, so an inner proxy's
+socket pair still ends when the root dies. When the control socket ends (the
+root is gone) the template exits; its children then notice the root's death
+on their own links. The template runs no reactor and no thread: a child may
+install a reactor and enter a namespace as if it were a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+CONTROL_FD = 3
+LINK_FD = 3
+#: The template's process title (deliberately not ``one_tproxy_*``).
+TITLE = "one-tproxy-template"
+
+#: Modules an inner proxy needs, imported once in the template.
+PRELOAD = (
+    "twisted.internet.epollreactor",
+    "twisted.internet.base",
+    "twisted.internet.tcp",
+    "twisted.internet.unix",
+    "twisted.internet.defer",
+    "twisted.internet.task",
+    "twisted.internet.endpoints",
+    "twisted.internet.protocol",
+    "twisted.application.service",
+    "twisted.logger",
+    "twisted.python.failure",
+    "tproxy.config",
+    "tproxy.logs",
+    "tproxy.rlimits",
+    "tproxy.runtime",
+    "tproxy.link",
+    "tproxy.inner",
+    "tproxy.root",
+    "tproxy.spawn",
+    "setproctitle",
+    "yaml",
+)
+
+
+def preload(modules: Sequence[str] = PRELOAD, warm: bool = True) -> None:
+    """Import ``modules`` (never the global reactor), warm up, collect, then freeze the GC."""
+    had_reactor = "twisted.internet.reactor" in sys.modules
+    for name in modules:
+        importlib.import_module(name)
+    if warm:
+        warm_up()
+    if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
+        raise RuntimeError("the template must not install a reactor")
+    gc.collect()
+    gc.freeze()
+
+
+def warm_up() -> None:
+    """Run the inner proxy's common code once, so children share its specialized bytecode.
+
+    Python 3.11 rewrites a function's bytecode in place the first times it
+    runs; done here, before the fork, those pages stay shared. Nothing of it
+    survives: the reactor made here is never installed and its descriptors
+    are closed.
+    """
+    from twisted.internet import epollreactor
+    from twisted.internet.testing import StringTransport
+
+    from tproxy.config import parse_config
+    from tproxy.link import InnerLink, RootLink
+    from tproxy.model import Destination
+
+    config = parse_config(
+        ":tproxy_debug_level: 2\n:tproxy:\n- :service_port: 5030\n"
+        "  :remote_addr: 127.0.0.1\n  :remote_port: 5030\n",
+        "<warm-up>",
+    )
+    reactor = epollreactor.EPollReactor()
+    try:
+        inner = InnerLink(reactor, lambda ports: None, config.limits, ping_interval=None)
+        dest = Destination("127.0.0.1", 1)
+        root = RootLink(reactor, "w", lambda port: dest, config.limits, ping_interval=None)
+        ti, tr = StringTransport(), StringTransport()
+        inner.makeConnection(ti)
+        root.makeConnection(tr)
+        for _ in range(3):
+            root.push_config([5030])
+            inner.dataReceived(tr.value())
+            root.dataReceived(ti.value())
+            tr.clear()
+            ti.clear()
+        reactor.callLater(0, reactor.stop)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        # What the warm-up logged must not be replayed into a child's log file.
+        from twisted.logger import globalLogBeginner
+
+        buffered = getattr(getattr(globalLogBeginner, "_initialBuffer", None), "_buffer", None)
+        if buffered is not None:
+            buffered.clear()
+        for fd in (reactor._poller.fileno(),):
+            os.close(fd)
+        waker: object = getattr(reactor, "waker", None)
+        for name in ("i", "o", "fd"):
+            fd = getattr(waker, name, None)
+            if isinstance(fd, int):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def resolve_entry(entry: str) -> Callable[[list[str]], int | None]:
+    """``module:function`` -> the function a child runs with the inner's argv."""
+    module, _, func = entry.partition(":")
+    return getattr(importlib.import_module(module), func or "main")  # type: ignore[no-any-return]
+
+
+class Template:
+    """The fork loop (blocking; no reactor here)."""
+
+    def __init__(
+        self,
+        control: socket.socket,
+        entry: Callable[[list[str]], int | None],
+        inner_args: Sequence[str],
+    ) -> None:
+        self.control = control
+        self.entry = entry
+        self.inner_args = list(inner_args)
+        self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector = selectors.DefaultSelector()
+        self.children: set[int] = set()
+
+    def _send(self, text: str) -> None:
+        try:
+            self.control.send(text.encode("ascii"))
+        except OSError:
+            pass  # the root is gone; the loop will see EOF
+
+    def serve(self) -> int:
+        """Run until the control socket ends; the exit status."""
+        signal.set_wakeup_fd(self._wfd)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self._selector.register(self.control, selectors.EVENT_READ, "control")
+        self._selector.register(self._rfd, selectors.EVENT_READ, "signal")
+        while True:
+            for key, _ in self._selector.select():
+                if key.data == "signal":
+                    try:
+                        os.read(self._rfd, 512)
+                    except BlockingIOError:
+                        pass
+                    self._reap()
+                elif not self._command():
+                    return 0
+            self._reap()
+
+    def _command(self) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, 4096, 4)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        words = data.decode("ascii", "replace").split()
+        if len(words) != 3 or words[0] != "launch" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            self._send(f"failed {words[1] if len(words) > 1 else '?'} bad request")
+            return True
+        _, seq, bridge = words
+        link_fd = fds[0]
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(link_fd)
+            self._send(f"failed {seq} fork: {e.strerror}")
+            return True
+        if pid == 0:
+            self._child(bridge, link_fd)  # never returns
+        os.close(link_fd)
+        self.children.add(pid)
+        self._send(f"started {seq} {pid}")
+        return True
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self._send(f"exited {pid} {status}")
+
+    def _child(self, bridge: str, link_fd: int) -> None:
+        rc: int | None = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self._selector.close()
+            self.control.close()
+            os.close(self._rfd)
+            os.close(self._wfd)
+            if link_fd != LINK_FD:
+                os.dup2(link_fd, LINK_FD)
+                os.close(link_fd)
+            rc = self.entry([bridge, *self.inner_args])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(rc or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Preload, then fork inner proxies on the root's requests until it goes away."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    parser = argparse.ArgumentParser(prog="python -m tproxy.template")
+    parser.add_argument("--entry", default="tproxy.inner:main")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--log-dir", required=True)
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        control = socket.socket(fileno=os.dup(CONTROL_FD))
+        os.close(CONTROL_FD)
+    except OSError as e:
+        print(f"{TITLE}: no control socket on fd {CONTROL_FD}: {e}", file=sys.stderr)
+        return 2
+    control.setblocking(False)
+    import setproctitle
+
+    setproctitle.setproctitle(TITLE)
+    entry = resolve_entry(args.entry)
+    preload()
+    inner_args = ["--config", args.config, "--log-dir", args.log_dir, "--run-dir", args.run_dir]
+    return Template(control, entry, inner_args).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
