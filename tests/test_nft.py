@@ -461,3 +461,82 @@ class RemoveTests(TestCase):
         ctx2.tables["bridge"] = [veth_set()]
         self.assertFalse(Nftables(ctx2).remove_bridge("br0"))
         self.assertEqual(ctx2.batches, [])
+
+
+class GuardTests(TestCase):
+    """write_guard: chain guard_BR drops ARP claiming 169.254.16.9 from any port but BRb."""
+
+    def test_rule_forms(self) -> None:
+        """Both forms match ARP by sender address; only the ibrname form names the bridge."""
+        ibr = nft.guard_rule_exprs("br0", ArpRuleForm.IBRNAME)
+        fb = nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK)
+        sender = {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "arp", "field": "saddr ip"}},
+                "right": "169.254.16.9",
+            }
+        }
+        self.assertEqual(ibr[0]["match"]["right"], "br0")
+        self.assertEqual(ibr[1]["match"]["left"], {"meta": {"key": "iifname"}})
+        self.assertEqual(ibr[1]["match"]["right"], "br0b")
+        self.assertEqual(fb[0]["match"]["right"], "@tproxy_veths")
+        self.assertEqual(fb[0]["match"]["op"], "!=")
+        for exprs in (ibr, fb):
+            self.assertEqual(exprs[-2:], [sender, {"drop": None}])
+        self.assertNotIn("operation", json.dumps(fb))  # Replies, requests, announcements.
+
+    def test_written_on_forward_hook(self) -> None:
+        """A missing guard is written: chain on the forward hook, flushed, one rule."""
+        ctx = FakeContext(ibrname=False)
+        ctx.tables["bridge"] = [veth_set("br0b")]
+        self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK))
+        (batch,) = ctx.batches
+        self.assertEqual(batch, nft.guard_batch("br0", ArpRuleForm.FALLBACK))
+        cmds = batch["nftables"]
+        (chain_cmd,) = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
+        self.assertEqual(
+            (chain_cmd["name"], chain_cmd["hook"], chain_cmd["prio"], chain_cmd["policy"]),
+            ("guard_br0", "forward", -200, "accept"),
+        )
+        self.assertIn(
+            {"flush": {"chain": {"family": "bridge", "table": "one_tproxy", "name": "guard_br0"}}},
+            cmds,
+        )
+        (rule_cmd,) = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+        self.assertEqual(rule_cmd["expr"], nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK))
+
+    def test_kept_when_present(self) -> None:
+        """Exactly the rule (and BRb in the set for the fallback): nothing is sent."""
+        for form, objects in [
+            (ArpRuleForm.IBRNAME, []),
+            (ArpRuleForm.FALLBACK, [veth_set("br0b")]),
+        ]:
+            ctx = FakeContext(ibrname=form is ArpRuleForm.IBRNAME)
+            ctx.tables["bridge"] = [
+                *objects,
+                chain("guard_br0"),
+                rule("guard_br0", nft.guard_rule_exprs("br0", form)),
+            ]
+            self.assertFalse(Nftables(ctx).write_guard("br0", form))
+            self.assertEqual(ctx.batches, [])
+
+    def test_rewritten_when_wrong(self) -> None:
+        """Another rule, a doubled rule, or BRb missing from the set: rewritten."""
+        fb = nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK)
+        for objects in [
+            [veth_set("br0b"), chain("guard_br0"), rule("guard_br0", fb), rule("guard_br0", fb)],
+            [veth_set("br0b"), chain("guard_br0"), rule("guard_br0", fb[1:])],
+            [veth_set("br1b"), chain("guard_br0"), rule("guard_br0", fb)],
+        ]:
+            ctx = FakeContext(ibrname=False)
+            ctx.tables["bridge"] = objects
+            self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK))
+            self.assertEqual(ctx.batches, [nft.guard_batch("br0", ArpRuleForm.FALLBACK)])
+
+    def test_refusal_raises_with_batch(self) -> None:
+        """A refused guard batch raises NftError carrying the batch."""
+        ctx = FakeContext()
+        ctx.fail_with = "Error: Could not process rule: No buffer space available"
+        e = self.assertRaises(NftError, Nftables(ctx).write_guard, "br0", ArpRuleForm.IBRNAME)
+        self.assertEqual(e.batch, nft.guard_batch("br0", ArpRuleForm.IBRNAME))
