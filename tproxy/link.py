@@ -28,7 +28,7 @@ from typing import Protocol as TypingProtocol
 from attrs import define, field
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -500,6 +500,22 @@ class LinkProtocol(Protocol):
             t.loseConnection()
 
 
+class _QuietOneShot(Factory):
+    """Hands one existing stream protocol to a client endpoint, without logging.
+
+    ``connectProtocol``'s factory logs "Starting/Stopping factory" at INFO for
+    every outgoing connection, which would drown an administrator's log.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
 class RootLink(LinkProtocol):
     """The root proxy's end of one inner proxy's link.
 
@@ -691,7 +707,7 @@ class RootLink(LinkProtocol):
         if self._link_paused:
             s._pause |= _PAUSE_LINK
         try:
-            d = connectProtocol(self._endpoint_for(dest), s)
+            d = self._endpoint_for(dest).connect(_QuietOneShot(s))
         except Exception:
             d = fail()
         s.connecting = d

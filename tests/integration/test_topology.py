@@ -105,6 +105,27 @@ class TopologyTests(unittest.TestCase):
         self.assertEqual(topology.run(["ip", "-o", "link"], check=True).stdout, links_before)
         self.assertFalse(os.path.exists(host.tmp))
 
+    def test_state_rewrite_and_removal(self) -> None:
+        """The service map can be rewritten, and the hand-built state removed to
+        exactly the listings of before."""
+        host = Host(self)
+        br = host.add_bridge()
+        ruleset_before = host.nft("list", "ruleset").stdout
+        links_before = [link["ifname"] for link in host.ip_json("link")]
+        host.build_tproxy_state(br, {5030: ("127.0.0.1", 5030)})
+        host.set_service_map(br, {1234: ("127.0.0.2", 99)})
+        listing = host.nft("list", "map", "ip", "one_tproxy", f"ep_{br}").stdout
+        self.assertIn("1234 : 127.0.0.2 . 99", listing)
+        self.assertNotIn("5030", listing)
+        host.remove_tproxy_state(br)
+        self.assertFalse(host.inner(br).exists())
+        self.assertEqual([link["ifname"] for link in host.ip_json("link")], links_before)
+        leftover = host.nft("list", "ruleset").stdout
+        self.assertNotIn(f"ep_{br}", leftover)
+        self.assertNotIn(f"ch_{br}", leftover)
+        self.assertNotIn(f'"{br}b"', leftover)
+        self.assertTrue(ruleset_before.strip() == "" or ruleset_before in leftover)
+
     def test_trunked_hosts(self) -> None:
         """Two hosts whose bridges are trunked: a guest of one reaches a guest of the other."""
         one, two = Host(self), Host(self)

@@ -35,11 +35,13 @@ Typical use::
             br = host.add_bridge()
             guest = host.add_guest(br)
             host.serve_http(5030)
+            # Either the state by hand, as OpenNebula's Ruby driver makes it ...
             host.build_tproxy_state(br, {5030: ("127.0.0.1", 5030)})
-            host.write_config(":tproxy: []\\n")
             host.tproxy("start", check=True)
-            page = guest.curl("http://169.254.16.9:5030/", check=True).stdout
-            self.assertEqual(page, "service 5030\n")
+            # ... or through the real driver:
+            #   host.write_config(config_yaml([(5030, "127.0.0.1", 5030)]))
+            #   host.up(br)
+            self.assertEqual(guest.wait_serving(5030), "service 5030\\n")
 """
 
 from __future__ import annotations
