@@ -71,7 +71,7 @@ class StateTests(E2ETestCase):
 
         self.assertEqual(nft_state(by_driver, b2), nft_state(by_hand, b1))
         guard = [i for i in by_driver.nft_json() if _is_guard(i, b2) and "rule" in i]
-        self.assertEqual(len(guard), 1)  # the driver's one extra: the anti-spoofing rule
+        self.assertEqual(len(guard), 2)  # the driver's one extra: the anti-spoofing rules
         self.assertEqual(inner_state(by_driver.inner(b2), b2), inner_state(by_hand.inner(b1), b1))
         for host, br in ((by_hand, b1), (by_driver, b2)):
             port = host.ip_json("link", "show", f"{br}b")[0]
