@@ -258,6 +258,15 @@ class RootReloadTests(unittest.TestCase):
         self.assertEqual(h.link("br0").pushed, [[5030]])
         self.assertEqual(len(h.launcher.started), 2)
 
+    def test_limits_changed(self) -> None:
+        """Changed limits apply to the running links' next streams, without a restart."""
+        h = self.h
+        h.settings = FakeSettings(limits=FakeLimits(grace_period=7.0))
+        h.root.reload()
+        self.assertEqual(h.link("br0").limits, FakeLimits(grace_period=7.0))
+        self.assertEqual(h.link("br1").limits, FakeLimits(grace_period=7.0))
+        self.assertEqual(len(h.launcher.started), 2)
+
     def test_ports_added_and_removed(self) -> None:
         """Changed port sets are pushed to that bridge's inner only."""
         h = self.h

@@ -61,6 +61,7 @@ class LinkLike(Protocol):
     """What the root uses of ``tproxy.link.RootLink`` (besides it being an IProtocol)."""
 
     closed: Deferred[None]
+    limits: Any
 
     def push_config(self, service_ports: Iterable[int]) -> None:
         """Tell the inner proxy its service ports."""
@@ -263,6 +264,11 @@ class InnerSupervisor(Service):
         if self.process is not None:
             self.process.signal(signum)
 
+    def apply_limits(self) -> None:
+        """Give the live link the limits in force (a new link gets them when made)."""
+        if self.link is not None:
+            self.link.limits = self._limits()
+
     def forward_hup(self) -> None:
         """SIGHUP to the inner proxy once it is ready for one.
 
@@ -446,6 +452,7 @@ class RootService(MultiService):
             return
         self._apply(maps)
         for sup in self.supervisors().values():
+            sup.apply_limits()
             sup.forward_hup()
 
 
