@@ -4,8 +4,9 @@ Theory of operation. The root proxy starts this program with its end of a
 socket pair as fd 3. :func:`main` first enters network namespace
 ``one_tproxy_BR`` (before any thread or reactor exists, and without ever
 creating it), names the process, raises its open-files limit, opens its log
-``LOG_DIR/one_tproxy_BR.log``, installs the epoll reactor and adopts fd 3 as
-its one link to the root (``tproxy.link.InnerLink``).
+``LOG_DIR/one_tproxy_BR.log``, drops every capability but
+CAP_NET_BIND_SERVICE (``tproxy.privileges``), installs the epoll reactor and
+adopts fd 3 as its one link to the root (``tproxy.link.InnerLink``).
 
 :class:`InnerService` keeps one listening endpoint service on
 ``169.254.16.9:PORT`` per service port that the root pushes, and diffs each
@@ -347,12 +348,25 @@ class _Hangups:
             reactor.callWhenRunning(action)
 
 
+def _drop_privileges() -> None:
+    """Keep only CAP_NET_BIND_SERVICE from here on (``tproxy.privileges``, docs/security.md)."""
+    from tproxy.privileges import PrivilegeError, drop_capabilities
+
+    try:
+        drop_capabilities()
+    except PrivilegeError as e:
+        log.error("could not drop capabilities ({error}); going on with those in force", error=e)
+        return
+    log.info("capabilities dropped but CAP_NET_BIND_SERVICE; no_new_privs set")
+
+
 def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     from tproxy import runtime
 
     title = namespace_name(bridge)
     daemon = runtime.DaemonRuntime(title, paths)
     daemon.prepare()
+    _drop_privileges()
 
     from twisted.internet import epollreactor
 

@@ -42,8 +42,15 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        self.paths = settings.Paths.from_sources(
+        paths = settings.Paths.from_sources(
             config=self["config"], log_dir=self["log-dir"], run_dir=self["run-dir"]
+        )
+        # Relative paths mean the caller's directory: a daemonized twistd then
+        # changes to its --rundir (`one-tproxy start` uses /), as do the inners.
+        self.paths = settings.Paths(
+            os.path.abspath(paths.config),
+            os.path.abspath(paths.log_dir),
+            os.path.abspath(paths.run_dir),
         )
 
 
