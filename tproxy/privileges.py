@@ -82,11 +82,27 @@ class Libc(Protocol):
         ...
 
 
+_process_libc: list[ctypes.CDLL] = []
+
+
+def process_libc() -> ctypes.CDLL:
+    """The C library as ctypes sees it, looked up once per process tree.
+
+    ``find_library`` runs ``ldconfig``; the inner proxy template calls this
+    before it forks, so an inner proxy neither repeats that nor copies the
+    template's pages that doing so would touch.
+    """
+    if not _process_libc:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _process_libc.append(lib)
+    return _process_libc[0]
+
+
 class RealLibc:
     """The process's own libc, through ctypes."""
 
     def __init__(self) -> None:
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._libc = process_libc()
 
     def prctl(self, option: int, arg2: int) -> None:
         ul = ctypes.c_ulong

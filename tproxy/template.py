@@ -61,6 +61,7 @@ PRELOAD = (
     "tproxy.inner",
     "tproxy.root",
     "tproxy.spawn",
+    "tproxy.privileges",
     "setproctitle",
     "yaml",
 )
@@ -73,9 +74,11 @@ def preload(modules: Sequence[str] = PRELOAD, warm: bool = True) -> None:
         importlib.import_module(name)
     if warm:
         warm_up()
+    from tproxy.privileges import process_libc
     from tproxy.runtime import _load_libc
 
     _load_libc()
+    process_libc()
     if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
         raise RuntimeError("the template must not install a reactor")
     gc.collect()
