@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("driver", "build a bridge's host state, then start and reload the mesh"),
     "down": ("driver", "remove a bridge's host state, then reload the mesh"),
     "endpoints": ("endpoints", "print the endpoints that apply to a network as JSON"),
+    "check": ("check", "verify each bridge's state, proxies and destinations; exit 1 on a fault"),
 }
 
 EXIT_NOT_IMPLEMENTED = 2

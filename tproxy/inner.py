@@ -4,8 +4,9 @@ Theory of operation. The root proxy starts this program with its end of a
 socket pair as fd 3. :func:`main` first enters network namespace
 ``one_tproxy_BR`` (before any thread or reactor exists, and without ever
 creating it), names the process, raises its open-files limit, opens its log
-``LOG_DIR/one_tproxy_BR.log``, installs the epoll reactor and adopts fd 3 as
-its one link to the root (``tproxy.link.InnerLink``).
+``LOG_DIR/one_tproxy_BR.log``, drops every capability but
+CAP_NET_BIND_SERVICE (``tproxy.privileges``), installs the epoll reactor and
+adopts fd 3 as its one link to the root (``tproxy.link.InnerLink``).
 
 :class:`InnerService` keeps one listening endpoint service on
 ``169.254.16.9:PORT`` per service port that the root pushes, and diffs each
@@ -108,6 +109,9 @@ class _Listener(Service):
             return listening.stopListening()
         self._listening = listening
         log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        changed = getattr(self.parent, "listeners_changed", None)
+        if changed is not None:
+            changed()
         return None
 
     def _failed(self, failure: Failure) -> None:
@@ -167,6 +171,21 @@ class InnerService(MultiService):
     def listeners(self) -> dict[int, _Listener]:
         """Service port -> its listening service."""
         return {s.service_port: s for s in self if isinstance(s, _Listener)}
+
+    def listener_report(self) -> dict[str, object]:
+        """This process and its listeners, for the link's STATS reports (docs/protocol.md)."""
+        current = self.listeners()
+        return {
+            "pid": os.getpid(),
+            "listening": sorted(p for p, s in current.items() if s.bound),
+            "not_listening": sorted(p for p, s in current.items() if not s.bound),
+        }
+
+    def listeners_changed(self) -> None:
+        """A port was bound: report to the root now rather than at the next interval."""
+        send = getattr(self.link, "send_stats", None)
+        if send is not None:
+            send()
 
     def set_ports(self, ports: frozenset[int]) -> None:
         """The root's config push: bind the new ports, unbind the dropped ones."""
@@ -315,12 +334,25 @@ class _Hangups:
             reactor.callWhenRunning(action)
 
 
+def _drop_privileges() -> None:
+    """Keep only CAP_NET_BIND_SERVICE from here on (``tproxy.privileges``, docs/security.md)."""
+    from tproxy.privileges import PrivilegeError, drop_capabilities
+
+    try:
+        drop_capabilities()
+    except PrivilegeError as e:
+        log.error("could not drop capabilities ({error}); going on with those in force", error=e)
+        return
+    log.info("capabilities dropped but CAP_NET_BIND_SERVICE; no_new_privs set")
+
+
 def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     from tproxy import runtime
 
     title = namespace_name(bridge)
     daemon = runtime.DaemonRuntime(title, paths)
     daemon.prepare()
+    _drop_privileges()
 
     from twisted.internet import epollreactor
 
@@ -342,7 +374,13 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
         lambda: float(daemon.limits().grace_period),
         stop,
     )
-    link = InnerLink(reactor, on_config=service.set_ports, limits=daemon.limits(), bridge=bridge)
+    link = InnerLink(
+        reactor,
+        on_config=service.set_ports,
+        limits=daemon.limits(),
+        bridge=bridge,
+        stats_source=service.listener_report,
+    )
     os.set_blocking(LINK_FD, False)
     from tproxy.root import adopt_with
 

@@ -20,8 +20,9 @@ Reactor and endpoints are injected; nothing here imports the global reactor.
 from __future__ import annotations
 
 import itertools
+import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -43,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
 from tproxy.protocol.connection import Connection, ProtocolError, Role, StreamState
@@ -52,6 +54,8 @@ from tproxy.protocol.frames import DEFAULT_WINDOW, Reason
 PING_INTERVAL = 10.0
 #: Seconds without a PONG after which a link is declared dead.
 PING_TIMEOUT = 30.0
+#: Seconds between the inner proxy's STATS reports (docs/protocol.md).
+STATS_INTERVAL = 2.0
 
 # Why a stream's TCP socket is not being read (bit flags; read when none is set).
 _PAUSE_OPENING = 1  # inner: waiting for OPEN_RESULT
@@ -59,6 +63,10 @@ _PAUSE_WINDOW = 2  # send window spent, backlog waiting
 _PAUSE_LINK = 4  # UNIX socket's write buffer full
 
 _PING = struct.Struct("!Q")
+
+#: Refusals a root link logs one by one per second; beyond that they are counted
+#: and summed up in one line (a hostile inner must not be able to flood the log).
+REFUSAL_LOG_BURST = 20
 
 
 class LinkLimits(TypingProtocol):
@@ -98,6 +106,23 @@ def _bump(counter: dict[Reason, int], reason: Reason) -> None:
     counter[reason] = counter.get(reason, 0) + 1
 
 
+def counters_dict(counters: LinkCounters) -> dict[str, Any]:
+    """``LinkCounters`` as a JSON-able dict (reasons by name), as STATS carries them."""
+
+    def names(d: dict[Reason, int]) -> dict[str, int]:
+        return {r.name: n for r, n in sorted(d.items())}
+
+    return {
+        "opened": counters.opened,
+        "accepted": counters.accepted,
+        "refused": names(counters.refused),
+        "resets_sent": names(counters.resets_sent),
+        "resets_received": names(counters.resets_received),
+        "bytes_to_link": counters.bytes_to_link,
+        "bytes_from_link": counters.bytes_from_link,
+    }
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
 class _StreamProtocol(Protocol):
     """The TCP end of one stream: a protocol on the TCP socket and the producer it throttles.
@@ -107,6 +132,11 @@ class _StreamProtocol(Protocol):
     write buffer is full (``pauseProducing``) and drained (``resumeProducing``),
     which is when withheld credit goes back to the peer.
     """
+
+    # Root only, set by RootLink._open: the port's counters and when the OPEN
+    # arrived (class defaults, so that the inner's streams carry no extra attributes).
+    stats: PortStats | None = None
+    opened_at: float = 0.0
 
     def __init__(self, link: LinkProtocol, service_port: int) -> None:
         self.link = link
@@ -360,6 +390,8 @@ class LinkProtocol(Protocol):
             _bump(self.counters.resets_received, event.reason)
             s = self._streams.get(event.stream_id)
             if s is not None:
+                if s.stats is not None:
+                    s.stats.reset(event.reason.name)
                 self._log.debug(
                     "{link}: stream {sid} reset by peer ({reason})",
                     link=self.name,
@@ -398,6 +430,8 @@ class LinkProtocol(Protocol):
                 n=len(streams),
             )
         for s in streams:
+            if s.stats is not None:
+                s.stats.reset("LINK_LOST")
             s.abort()
             self._forget(s)
         self._log.info("{link}: link closed", link=self.name)
@@ -414,6 +448,8 @@ class LinkProtocol(Protocol):
             if not self._lost:
                 self.conn.reset(s.stream_id, Reason.ABORTED)
                 _bump(self.counters.resets_sent, Reason.ABORTED)
+                if s.stats is not None:
+                    s.stats.reset(Reason.ABORTED.name)
                 self.flush()
         self._log.debug(
             "{link}: stream {sid} closed (guest {guest}, service port {port}{dest}): "
@@ -531,6 +567,7 @@ class RootLink(LinkProtocol):
         limits: LinkLimits,
         *,
         endpoint_for: Callable[[Destination], IStreamClientEndpoint] | None = None,
+        metrics: BridgeStats | None = None,
         initial_window: int = DEFAULT_WINDOW,
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
@@ -544,9 +581,20 @@ class RootLink(LinkProtocol):
         )
         self.lookup = lookup
         self.limits = limits
+        self.metrics = metrics if metrics is not None else BridgeStats()
+        """Per service port counters (``tproxy.metrics``); pass one to keep it across links."""
+        self.inner_report: dict[str, Any] | None = None
+        """The inner proxy's last STATS report (docs/protocol.md), None before the first."""
+        self.inner_report_at: float | None = None
+        """``reactor.seconds()`` when that report arrived."""
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         self._per_guest: dict[str, int] = {}
         self._idle_call: IDelayedCall | None = None
+        #: Reading from the UNIX socket is paused because the inner does not read.
+        self.reading_paused = False
+        self._refusal_window = -1.0
+        self._refusals_logged = 0
+        self._refusals_unlogged = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -577,6 +625,8 @@ class RootLink(LinkProtocol):
             )
             self.conn.reset(s.stream_id, Reason.IDLE_TIMEOUT)
             _bump(self.counters.resets_sent, Reason.IDLE_TIMEOUT)
+            if s.stats is not None:
+                s.stats.reset(Reason.IDLE_TIMEOUT.name)
             s.abort()
         self.flush()
         self._idle_call = self.reactor.callLater(idle, self._idle_sweep, idle)
@@ -585,6 +635,13 @@ class RootLink(LinkProtocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        if self._refusals_unlogged:
+            self._log.warn(
+                "{link}: {n} more streams refused in its last second, not logged one by one",
+                link=self.name,
+                n=self._refusals_unlogged,
+            )
+            self._refusals_unlogged = 0
         super().connectionLost(reason)
 
     def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
@@ -598,9 +655,56 @@ class RootLink(LinkProtocol):
         self.conn.push_config(frozenset(service_ports))
         self.flush()
 
-    def _refuse(self, sid: int, reason: Reason, why: str) -> None:
+    def live_bytes(self) -> list[tuple[int, int, int]]:
+        """(service port, bytes to the service, bytes to the guest) of each open stream."""
+        return [(s.service_port, s.received, s.sent) for s in self._streams.values()]
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """Service port -> its counters now (``tproxy.metrics``), open streams' bytes included."""
+        return self.metrics.snapshot(self.live_bytes())
+
+    def _set_link_paused(self, paused: bool) -> None:
+        """The UNIX write buffer filled (or drained): also stop (or resume) reading the link.
+
+        Everything the root writes to its inner is either stream data, bounded by
+        the inner's windows, or an answer to something the inner sent (PONG,
+        OPEN_RESULT, RESET).  An inner that keeps sending PINGs or doomed OPENs
+        but never reads would otherwise grow the root's write buffer without
+        bound; so while the buffer is over the transport's limit (64 KiB) the
+        root reads nothing more from it.  The inner proxy itself always reads
+        its link, so this cannot deadlock two honest proxies, and a link whose
+        inner stops reading for good dies of the ping timeout (its PONGs are
+        not read either).
+        """
+        changed = paused != self._link_paused
+        super()._set_link_paused(paused)
+        if not changed or self.transport is None or self._lost:
+            return
+        self.reading_paused = paused
+        if paused:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        else:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _refuse(self, sid: int, reason: Reason, why: str, port: int) -> None:
         self.conn.refuse(sid, reason)
         _bump(self.counters.refused, reason)
+        self.metrics.port(port).refuse(reason.name)
+        now = self.reactor.seconds()
+        if now - self._refusal_window >= 1.0:
+            if self._refusals_unlogged:
+                self._log.warn(
+                    "{link}: {n} more streams refused in one second, not logged one by one",
+                    link=self.name,
+                    n=self._refusals_unlogged,
+                )
+            self._refusal_window = now
+            self._refusals_logged = 0
+            self._refusals_unlogged = 0
+        if self._refusals_logged >= REFUSAL_LOG_BURST:
+            self._refusals_unlogged += 1
+            return
+        self._refusals_logged += 1
         self._log.warn(
             "{link}: stream {sid} refused ({reason}): {why}",
             link=self.name,
@@ -612,11 +716,28 @@ class RootLink(LinkProtocol):
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.OpenRequested):
             self._open(event)
-        # StatsReceived: reserved; counters for the operations work, ignored in version 1.
+        elif isinstance(event, ev.StatsReceived):
+            self._stats(event.payload)
+
+    def _stats(self, payload: bytes) -> None:
+        """Keep the inner proxy's report; a malformed one is logged and ignored."""
+        try:
+            report = json.loads(payload)
+            if not isinstance(report, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            self._log.warn(
+                "{link}: ignoring a malformed STATS report: {error}", link=self.name, error=e
+            )
+            return
+        self.inner_report = report
+        self.inner_report_at = self.reactor.seconds()
 
     def _open(self, event: ev.OpenRequested) -> None:
         sid, port, guest = event.stream_id, event.service_port, event.guest_host
         self.counters.opened += 1
+        stats = self.metrics.ports.get(port) or self.metrics.port(port)
+        stats.requested += 1
         where = f"service port {port} from guest {guest}:{event.guest_port}"
         try:
             dest = self.lookup(port)
@@ -624,16 +745,19 @@ class RootLink(LinkProtocol):
             self._log.failure(
                 "{link}: looking up service port {port} failed", link=self.name, port=port
             )
-            self._refuse(sid, Reason.INTERNAL_ERROR, f"{where}: the lookup failed")
+            self._refuse(sid, Reason.INTERNAL_ERROR, f"{where}: the lookup failed", port)
             return
         if dest is None:
-            self._refuse(sid, Reason.UNKNOWN_SERVICE, f"{where}: no such service on this bridge")
+            self._refuse(
+                sid, Reason.UNKNOWN_SERVICE, f"{where}: no such service on this bridge", port
+            )
             return
         if len(self._streams) >= self.limits.max_streams_per_bridge:
             self._refuse(
                 sid,
                 Reason.TOO_MANY_STREAMS,
                 f"{where}: {len(self._streams)} streams open, the bridge's limit",
+                port,
             )
             return
         if self._per_guest.get(guest, 0) >= self.limits.max_streams_per_guest:
@@ -641,12 +765,16 @@ class RootLink(LinkProtocol):
                 sid,
                 Reason.TOO_MANY_STREAMS,
                 f"{where}: the guest has {self._per_guest[guest]} streams open, its limit",
+                port,
             )
             return
         s = _StreamProtocol(self, port)
         s.stream_id = sid
         s.guest = f"{guest}:{event.guest_port}"
         s.destination = dest
+        s.stats = stats
+        s.opened_at = self.reactor.seconds()
+        stats.streams_open += 1
         self._streams[sid] = s
         self._per_guest[guest] = self._per_guest.get(guest, 0) + 1
         s.guest_ip = guest
@@ -662,6 +790,11 @@ class RootLink(LinkProtocol):
     def _forget(self, s: _StreamProtocol) -> None:
         if self._streams.get(s.stream_id) is s:
             del self._streams[s.stream_id]
+            stats = s.stats
+            if stats is not None:  # PortStats.ended, inlined
+                stats.streams_open -= 1
+                stats.bytes_to_service += s.received
+                stats.bytes_to_guest += s.sent
             ip = s.guest_ip
             if ip is not None:
                 left = self._per_guest.get(ip, 1) - 1
@@ -677,6 +810,9 @@ class RootLink(LinkProtocol):
             return
         self.conn.accept(s.stream_id)
         self.counters.accepted += 1
+        if s.stats is not None:
+            s.stats.accepted += 1
+            s.stats.latency.record(self.reactor.seconds() - s.opened_at)
         self._log.debug(
             "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
             link=self.name,
@@ -705,6 +841,7 @@ class RootLink(LinkProtocol):
                 s.stream_id,
                 reason,
                 f"{where}: connecting to {s.destination} failed: {failure.getErrorMessage()}",
+                s.service_port,
             )
             self.flush()
             self._maybe_close()
@@ -742,6 +879,8 @@ class InnerLink(LinkProtocol):
         limits: LinkLimits | None = None,
         *,
         bridge: str = "",
+        stats_source: Callable[[], Mapping[str, Any]] | None = None,
+        stats_interval: float | None = STATS_INTERVAL,
         initial_window: int = DEFAULT_WINDOW,
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
@@ -755,6 +894,53 @@ class InnerLink(LinkProtocol):
         )
         self.on_config = on_config
         self.limits = limits
+        self.stats_source = stats_source
+        self._stats_interval = stats_interval
+        self._stats_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self._stats_interval is not None:
+            self._stats_call = self.reactor.callLater(self._stats_interval, self._stats_tick)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self._stats_call is not None and self._stats_call.active():
+            self._stats_call.cancel()
+        self._stats_call = None
+        super().connectionLost(reason)
+
+    def _stats_tick(self) -> None:
+        self._stats_call = None
+        if self._lost:
+            return
+        self.send_stats()
+        assert self._stats_interval is not None
+        self._stats_call = self.reactor.callLater(self._stats_interval, self._stats_tick)
+
+    def report(self) -> dict[str, Any]:
+        """The STATS report: the link's counters, open streams, and ``stats_source()``'s keys."""
+        report: dict[str, Any] = {
+            "counters": counters_dict(self.counters),
+            "streams": len(self._streams),
+        }
+        if self.stats_source is not None:
+            try:
+                report.update(self.stats_source())
+            except Exception:
+                self._log.failure("{link}: collecting the STATS report failed", link=self.name)
+        return report
+
+    def send_stats(self) -> None:
+        """Send a STATS report to the root now (also sent every ``stats_interval`` seconds)."""
+        if self._lost or self.transport is None or self.conn.terminated:
+            return
+        payload = json.dumps(self.report(), separators=(",", ":")).encode()
+        try:
+            self.conn.send_stats(payload)
+        except Exception:
+            self._log.failure("{link}: cannot send a STATS report", link=self.name)
+            return
+        self.flush()
 
     def guest_factory(self, service_port: int) -> IProtocolFactory:
         """The factory for the guests' listening endpoint of ``service_port``."""

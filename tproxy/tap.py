@@ -11,6 +11,7 @@ daemonized, so only the daemon itself is ever called ``one_tproxy``.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -18,7 +19,9 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from tproxy import settings
+from tproxy import control, settings
+from tproxy.metrics import BridgeStats
+from tproxy.observe import status_document
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
 from tproxy.runtime import DaemonRuntime
@@ -39,8 +42,15 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        self.paths = settings.Paths.from_sources(
+        paths = settings.Paths.from_sources(
             config=self["config"], log_dir=self["log-dir"], run_dir=self["run-dir"]
+        )
+        # Relative paths mean the caller's directory: a daemonized twistd then
+        # changes to its --rundir (`one-tproxy start` uses /), as do the inners.
+        self.paths = settings.Paths(
+            os.path.abspath(paths.config),
+            os.path.abspath(paths.log_dir),
+            os.path.abspath(paths.run_dir),
         )
 
 
@@ -74,6 +84,27 @@ class RootDaemon(MultiService):
             self.runtime,
         )
         self.root.setServiceParent(self)
+        self.stats: dict[str, BridgeStats] = {}
+        """Bridge -> its per-port counters, kept across restarts of its inner proxy."""
+        self.started_at = reactor.seconds()
+        control.ControlService(
+            reactor,
+            control.socket_path(paths.run_dir),
+            {"ping": self._ping, "stats": self._status},
+        ).setServiceParent(self)
+
+    def _ping(self, request: Any) -> dict[str, Any]:
+        return {"ok": True, "pid": os.getpid()}
+
+    def _status(self, request: Any) -> dict[str, Any]:
+        """The status document (``tproxy.observe``) for ``{"cmd": "stats"}``."""
+        return status_document(
+            self.root.supervisors().values(),
+            self.stats,
+            os.getpid(),
+            self.started_at,
+            self._reactor.seconds(),
+        )
 
     def _read_maps(self) -> Any:
         if self._nft is None:
@@ -85,7 +116,8 @@ class RootDaemon(MultiService):
     def _make_link(self, bridge: str, lookup: Any, limits: Any) -> Any:
         from tproxy.link import RootLink
 
-        return RootLink(self._reactor, bridge, lookup, limits)
+        metrics = self.stats.setdefault(bridge, BridgeStats())
+        return RootLink(self._reactor, bridge, lookup, limits, metrics=metrics)
 
     def _exit(self) -> None:
         def stop() -> None:

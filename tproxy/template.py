@@ -101,7 +101,9 @@ def warm_up() -> None:
     )
     reactor = epollreactor.EPollReactor()
     try:
-        inner = InnerLink(reactor, lambda ports: None, config.limits, ping_interval=None)
+        inner = InnerLink(
+            reactor, lambda ports: None, config.limits, ping_interval=None, stats_interval=None
+        )
         dest = Destination("127.0.0.1", 1)
         root = RootLink(reactor, "w", lambda port: dest, config.limits, ping_interval=None)
         ti, tr = StringTransport(), StringTransport()
