@@ -229,13 +229,15 @@ class FaultTests(HardeningTestCase):
         self.assertEqual(hv.guest.wait_serving(5030), PAGE)
 
     def test_broken_or_missing_config_on_reload_keeps_last_state(self) -> None:
-        """Reload with invalid YAML, then with no file: the same processes keep serving
-        (new connections too) and the root's log says why."""
+        """Reload with invalid YAML (reported: exit 1), then with no file: the same processes
+        keep serving (new connections too) and the root's log says why."""
         hv = self.hypervisor([(5030, "127.0.0.1", 5030)], services={5030: PAGE})
         self.assertEqual(hv.guest.wait_serving(5030), PAGE)
         before = self.wait_proxies(hv.host, {"one_tproxy", f"one_tproxy_{hv.bridge}"})
         hv.host.write_config(":tproxy: [ {unclosed\n")
-        hv.host.tproxy("reload", check=True)
+        done = hv.host.tproxy("reload")
+        self.assertEqual(done.returncode, 1)  # told at once, not only in the log
+        self.assertIn("keeps its last good configuration", done.stderr)
         wait_until(lambda: "OpenNebulaNetwork.conf" in hv.host.log() or None, timeout=10)
         self.assertEqual(hv.guest.curl(hv.guest.service_url(5030), check=True).stdout, PAGE)
         os.unlink(hv.host.config_path)

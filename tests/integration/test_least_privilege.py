@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from tests.integration.e2e import E2ETestCase
+from tproxy.control import socket_path
 from tproxy.privileges import CAP_NET_BIND_SERVICE, capability_status
 
 KEEP = 1 << CAP_NET_BIND_SERVICE
@@ -69,8 +70,9 @@ class LeastPrivilegeTests(E2ETestCase):
         self.assertIn("capabilities dropped", hv.host.log(f"one_tproxy_{hv.bridge}"))
 
     def test_no_listening_unix_socket(self) -> None:
-        """No mesh process (root, template, inner) holds a listening UNIX socket: the link
-        is a socket pair, so no other local process can connect to it and open a stream."""
+        """No mesh process listens on a UNIX socket but the root's control socket (0600 in a
+        0700 directory, read-only status): the link is a socket pair, so no other local
+        process can connect to it and open a stream."""
         hv = self.hypervisor([(5030, "127.0.0.1", 5030)], services={5030: "onegate\n"})
         self.assertEqual(hv.guest.wait_serving(5030), "onegate\n")
         pids = hv.host.product_pids()
@@ -81,11 +83,17 @@ class LeastPrivilegeTests(E2ETestCase):
         table: dict[int, tuple[int, int, str]] = {}
         for pid in [*pids, "self"]:
             table.update(unix_sockets(pid))
+        control = socket_path(hv.host.run_dir)
+        root_pid = hv.host.proxies()["one_tproxy"]
         for pid in pids:
             mine = socket_inodes(pid)
             self.assertTrue(mine <= set(table) | _inet_inodes(pid), pid)
-            listening = [(i, table[i]) for i in mine if i in table and table[i][0] & SO_ACCEPTCON]
-            self.assertEqual(listening, [], f"pid {pid} listens on UNIX sockets")
+            listening = [
+                table[i][2] for i in mine if i in table and table[i][0] & SO_ACCEPTCON
+            ]
+            self.assertEqual(listening, [control] if pid == root_pid else [], pid)
+        self.assertEqual(os.stat(control).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(os.path.dirname(control)).st_mode & 0o777, 0o700)
         # The inner's link: a connected UNIX socket with no name (a socket pair end).
         links = [table[i] for i in socket_inodes(inner_pid) if i in table]
         self.assertTrue(any(state == SS_CONNECTED and not path for _f, state, path in links), links)
