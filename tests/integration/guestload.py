@@ -50,7 +50,8 @@ async def _request(addr: str, port: int, request: bytes = REQUEST) -> str:
         writer.write_eof()
         data = await asyncio.wait_for(reader.read(), TIMEOUT)
         return "ok" if data.startswith(b"HTTP/") or data == request else "reset"
-    except (TimeoutError, ConnectionError):
+    except (TimeoutError, OSError):
+        # ConnectionError, or ENOTCONN when the proxy's RST beat our shutdown(SHUT_WR).
         return "reset"
     finally:
         writer.close()
