@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import (
@@ -63,6 +65,11 @@ _PAUSE_WINDOW = 2  # send window spent, backlog waiting
 _PAUSE_LINK = 4  # UNIX socket's write buffer full
 
 _PING = struct.Struct("!Q")
+
+#: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
+#: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
+#: frame); also the size of each read from the UNIX socket.
+LINK_HIGH_WATER = 1 << 20
 
 
 class LinkLimits(TypingProtocol):
@@ -313,6 +320,7 @@ class LinkProtocol(Protocol):
         self._log = Logger(namespace=f"tproxy.link.{bridge or self.role.value}")
         self._streams: dict[int, _StreamProtocol] = {}
         self._link_paused = False
+        self._resume_turn = 0
         self._lost = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -333,7 +341,13 @@ class LinkProtocol(Protocol):
     # -- transport plumbing
 
     def connectionMade(self) -> None:
-        self.transport.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
+        t = self.transport
+        if isinstance(t, tcp.Connection):  # a real socket transport (UNIX or TCP)
+            t.bufferSize = LINK_HIGH_WATER
+            # The link carries no file descriptors: a plain recv() instead of the
+            # UNIX transport's recvmsg() (ancillary buffer, a tuple per read).
+            t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
+        t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
         if self._ping_interval is not None:
             self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
@@ -469,10 +483,19 @@ class LinkProtocol(Protocol):
         if paused == self._link_paused:
             return
         self._link_paused = paused
-        for s in list(self._streams.values()):
-            if paused:
+        streams = list(self._streams.values())
+        if paused:
+            for s in streams:
                 s.set_pause(_PAUSE_LINK)
-            else:
+            return
+        # Resume in a rotating order: the epoll loop skips, within one turn, the
+        # sockets paused again meanwhile, so a fixed order (oldest first) lets the
+        # first bulk streams refill the UNIX buffer and starve the newest ones.
+        n = len(streams)
+        if n:
+            k = self._resume_turn % n
+            self._resume_turn += 1
+            for s in itertools.chain(streams[k:], streams[:k]):
                 s.clear_pause(_PAUSE_LINK)
 
     # -- ping, go-away
