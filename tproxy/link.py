@@ -66,6 +66,9 @@ _PAUSE_LINK = 4  # UNIX socket's write buffer full
 
 _PING = struct.Struct("!Q")
 
+#: Read size and write high-water mark of a stream's TCP socket.
+STREAM_BUFFER = 1 << 18
+
 #: Most buffers one ``sendmsg`` of a link flush gathers (IOV_MAX is 1024).
 _MAX_IOV = 512
 
@@ -261,6 +264,10 @@ class _StreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._sock = _socket_of(self.transport)
+        if self._sock is not None:
+            # Read up to 256 KiB per wake-up (Twisted: 64 KiB), and queue as much
+            # before the socket counts as full and credit is withheld.
+            self.transport.bufferSize = STREAM_BUFFER  # type: ignore[union-attr]
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reading = True
         self.link._tcp_connected(self)
