@@ -41,6 +41,7 @@ import os
 import platform
 import re
 import resource
+import selectors
 import shutil
 import signal
 import statistics
@@ -235,7 +236,9 @@ class Path:
     """One way the guest's connections reach the services."""
 
     name: str
+    """Its column: ``direct``, ``haproxy`` or ``one-tproxy``."""
     bench: Bench
+    """The topology it works on."""
 
     def activate(self) -> None:
         """Make 169.254.16.9:8080 and :5201 answer through this path."""
@@ -517,7 +520,10 @@ class Bench:
     def run_path(self, path: Path, out: dict[str, list[float]]) -> None:
         """Workloads (a)-(g) on one activated path, appending to ``out[key]``."""
         w = self.settings.workloads
-        add = lambda key, value: out.setdefault(key, []).append(value)  # noqa: E731
+
+        def add(key: str, value: float) -> None:
+            out.setdefault(key, []).append(value)
+
         def busy(key: str, workload: Callable[[], Any]) -> Any:
             """Run ``workload``; record the proxies' CPU use meanwhile, % of one core."""
             pids = path.proxy_pids()
@@ -741,8 +747,6 @@ def _ppid(pid: int) -> int | None:
 
 def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
     """One line of a child's stdout, waiting at most ``timeout`` s."""
-    import selectors
-
     assert proc.stdout is not None
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)

@@ -41,6 +41,10 @@ class World:
     err: list[str] = field(factory=list)
     locked: int = 0
     templates: dict[int, int] = field(factory=dict)
+    config_problem: str | None = None
+    log_dir_problem: str | None = None
+    log_dirs_made: int = 0
+    hup_kills_root: bool = False
 
     def find(self) -> Mesh:
         return Mesh(
@@ -57,6 +61,10 @@ class World:
 
     def kill(self, pid: int, signum: int) -> None:
         self.signals.append((pid, signum))
+        if signum == signal.SIGHUP and self.hup_kills_root:
+            # A root already shutting down: it exits instead of reloading.
+            self.procs = [p for p in self.procs if p.pid != pid and p.ppid != pid]
+            return
         if signum == signal.SIGKILL or (signum == signal.SIGTERM and self.obey_term):
             victim = [p for p in self.procs if p.pid == pid]
             self.procs = [p for p in self.procs if p.pid != pid]
@@ -78,6 +86,10 @@ class World:
         self.locked += 1
         yield
 
+    def make_log_dir(self, paths: Paths) -> str | None:
+        self.log_dirs_made += 1
+        return self.log_dir_problem
+
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
@@ -89,6 +101,8 @@ class World:
             run_twistd=self.run_twistd,
             kill=self.kill,
             grace_period=lambda paths: 10.0,
+            config_problem=lambda paths: self.config_problem,
+            make_log_dir=self.make_log_dir,
             sleep=self.sleep,
             monotonic=lambda: self.now,
             lock=self.lock,
@@ -139,6 +153,14 @@ class StartTests(unittest.TestCase):
         w = World(maps={"br0": {}})
         self.assertEqual(w.control().start(), 0)
         self.assertEqual(w.twistd_calls, [])
+
+    def test_log_dir_made_or_warned(self) -> None:
+        """start makes the log directory; one it cannot make is a warning, not a failure."""
+        w = World(maps={"br0": {1: D}}, log_dir_problem="cannot create the log directory /l: EROFS")
+        self.assertEqual(w.control().start(), 0)
+        self.assertEqual(w.log_dirs_made, 1)
+        self.assertEqual(len(w.twistd_calls), 1)
+        self.assertIn("warning: cannot create the log directory /l", w.err[0])
 
     def test_starts_and_waits(self) -> None:
         """twistd runs once with our options, and start returns once inners are up."""
@@ -228,6 +250,29 @@ class StopTests(unittest.TestCase):
         self.assertEqual(w2.control().reload(), 0)
         self.assertEqual(len(w2.twistd_calls), 1)
 
+    def test_reload_waits_for_new_bridges(self) -> None:
+        """After SIGHUP, reload returns once the root serves every mapped bridge."""
+        w = World(procs=[ProxyProcess(5, None, 1), ProxyProcess(6, "br0", 5)], maps={"br0": {1: D}})
+        self.assertEqual(w.control().reload(), 0)
+        self.assertEqual(w.signals, [(5, signal.SIGHUP)])
+        self.assertEqual(w.now, 0.0)
+
+    def test_reload_of_a_root_shutting_down(self) -> None:
+        """A root that exits instead of reloading (it had lost its last bridge) is replaced."""
+        w = World(procs=[ProxyProcess(5, None, 1)], maps={"br1": {1: D}}, hup_kills_root=True)
+        self.assertEqual(w.control().reload(), 0)
+        self.assertEqual(len(w.twistd_calls), 1)
+        self.assertEqual(w.find().root, 500)
+        self.assertEqual(sorted(w.find().inners), ["br1"])
+
+    def test_reload_with_a_broken_config(self) -> None:
+        """A broken config file is reported and exits 1, but the maps are still reloaded."""
+        w = World(procs=[ProxyProcess(5, None, 1)], config_problem="/c.conf, line 3: not YAML")
+        self.assertEqual(w.control().reload(), 1)
+        self.assertEqual(w.signals, [(5, signal.SIGHUP)])
+        self.assertIn("/c.conf, line 3: not YAML", w.err[0])
+        self.assertIn("keeps its last good configuration", w.err[0])
+
 
 class LockTests(unittest.TestCase):
     """The control lock serializes commands."""
@@ -262,3 +307,30 @@ class LockTests(unittest.TestCase):
         c.lock = busy
         self.assertEqual(c.stop(), 1)
         self.assertIn("held", w.err[0])
+
+
+class TwistdArgvTests(unittest.TestCase):
+    """The command line ``start`` gives twistd, as twistd itself reads it."""
+
+    def test_no_log_file_rotation(self) -> None:
+        """twistd's own log goes to a discarding observer, never to a (rotated) file.
+
+        With ``--logfile=/dev/null`` twistd's LogFile renamed the host's /dev/null
+        away at 1 MB and wrote a regular file in its place.
+        """
+        from twisted.application.app import AppLogger
+        from twisted.logger import ILogObserver
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        argv = twistd_argv(PATHS)
+        self.assertEqual(argv[1:3], ["-c", "from twisted.scripts.twistd import run; run()"])
+        options = ServerOptions()
+        options.parseOptions(argv[3:])
+        self.assertEqual(options.subCommand, "one-tproxy")
+        self.assertEqual(options.subOptions.paths, PATHS)
+        self.assertIsNotNone(options["logger"])
+        observer = options["logger"]()
+        self.assertTrue(ILogObserver.providedBy(observer))
+        observer({"log_format": "dropped", "log_level": None})
+        # twistd opens its --logfile only when no --logger factory is given.
+        self.assertIs(AppLogger(options)._observerFactory, options["logger"])

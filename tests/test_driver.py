@@ -152,6 +152,7 @@ class FakeNft:
         self.form = form
         self.maps: dict[str, dict[int, Destination]] = {}
         self.chains: set[str] = set()
+        self.guards: set[str] = set()
         self.ops: list[tuple[Any, ...]] = []
 
     def read_service_maps(self) -> dict[str, dict[int, Destination]]:
@@ -171,12 +172,20 @@ class FakeNft:
         self.chains.add(bridge)
         return self.form, True
 
+    def write_guard(self, bridge: str, form: ArpRuleForm, mac: str | None = None) -> bool:
+        if bridge in self.guards:
+            return False
+        self.ops.append(("write_guard", bridge, form))
+        self.guards.add(bridge)
+        return True
+
     def remove_bridge(self, bridge: str) -> bool:
-        if bridge not in self.maps and bridge not in self.chains:
+        if bridge not in self.maps and bridge not in self.chains and bridge not in self.guards:
             return False
         self.ops.append(("remove_bridge", bridge))
         self.maps.pop(bridge, None)
         self.chains.discard(bridge)
+        self.guards.discard(bridge)
         return True
 
 
@@ -209,9 +218,14 @@ class UpTests(TestCase):
             ],
         )
         self.assertEqual(
-            self.nft.ops, [("write_arp_rule", "br0"), ("write_service_map", "br0", SMAP)]
+            self.nft.ops,
+            [
+                ("write_arp_rule", "br0"),
+                ("write_guard", "br0", ArpRuleForm.IBRNAME),
+                ("write_service_map", "br0", SMAP),
+            ],
         )
-        self.assertEqual(len(changes), 10)
+        self.assertEqual(len(changes), 11)
         b = self.net.links[None]["br0b"]
         self.assertEqual((b.master, b.up), (self.bridge.index, True))
         a = self.net.links[NS]["br0a"]

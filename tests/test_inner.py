@@ -156,6 +156,26 @@ class InnerPortsTests(unittest.TestCase):
         self.assertEqual((args.paths.config, args.paths.log_dir), ("/c", "/l"))
 
 
+class ParseArgsTests(unittest.TestCase):
+    """The inner proxy's command line, in the launchers' fixed form and otherwise."""
+
+    def test_fixed_form_same_as_argparse(self) -> None:
+        """The launchers' form is read without argparse, to the same result."""
+        fixed = ["br0", "--config", "/c", "--log-dir", "/l", "--run-dir", "/r"]
+        reordered = ["br0", "--run-dir", "/r", "--config", "/c", "--log-dir", "/l"]
+        a, b = parse_args(fixed), parse_args(reordered)
+        self.assertEqual(vars(a), vars(b))
+        self.assertEqual((a.bridge, a.paths.config, a.paths.run_dir), ("br0", "/c", "/r"))
+
+    def test_odd_form_still_checked(self) -> None:
+        """Anything but the fixed form goes through argparse (and its errors)."""
+        with self.assertRaises(SystemExit):
+            parse_args(["br0", "--config", "/c", "--log-dir", "/l", "--bogus", "/r"])
+        args = parse_args(["br1", "--config", "", "--log-dir", "/l", "--run-dir", "/r"])
+        self.assertEqual(args.bridge, "br1")
+        self.assertNotEqual(args.paths.config, "")
+
+
 class InnerStopTests(unittest.TestCase):
     """Ending the inner proxy."""
 

@@ -461,3 +461,125 @@ class RemoveTests(TestCase):
         ctx2.tables["bridge"] = [veth_set()]
         self.assertFalse(Nftables(ctx2).remove_bridge("br0"))
         self.assertEqual(ctx2.batches, [])
+
+
+def guard_chain(name: str, hook: str = "prerouting") -> Any:
+    """A guard chain object as listed (with its hook)."""
+    return {
+        "chain": {
+            "family": "bridge",
+            "table": "one_tproxy",
+            "name": name,
+            "type": "filter",
+            "hook": hook,
+            "prio": -200,
+            "policy": "accept",
+        }
+    }
+
+
+MAC = "02:aa:bb:cc:dd:ee"
+
+
+class GuardTests(TestCase):
+    """write_guard: chain guard_BR drops ARP claiming 169.254.16.9, and frames with BRa's MAC,
+    from any port but BRb."""
+
+    def test_rule_forms(self) -> None:
+        """Both ARP forms match by sender address; only the ibrname form names the bridge."""
+        ibr = nft.guard_rule_exprs("br0", ArpRuleForm.IBRNAME)
+        fb = nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK)
+        sender = {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "arp", "field": "saddr ip"}},
+                "right": "169.254.16.9",
+            }
+        }
+        self.assertEqual(ibr[0]["match"]["right"], "br0")
+        self.assertEqual(ibr[1]["match"]["left"], {"meta": {"key": "iifname"}})
+        self.assertEqual(ibr[1]["match"]["right"], "br0b")
+        self.assertEqual(fb[0]["match"]["right"], "@tproxy_veths")
+        self.assertEqual(fb[0]["match"]["op"], "!=")
+        for exprs in (ibr, fb):
+            self.assertEqual(exprs[-2:], [sender, {"drop": None}])
+        self.assertNotIn("operation", json.dumps(fb))  # Replies, requests, announcements.
+
+    def test_mac_rule(self) -> None:
+        """The MAC rule names BRb and BRa's MAC (lower case) and needs no bridge meta."""
+        exprs = nft.guard_mac_exprs("br0", MAC.upper())
+        self.assertEqual(exprs[0]["match"]["right"], "br0b")
+        self.assertEqual(
+            exprs[1]["match"]["left"], {"payload": {"protocol": "ether", "field": "saddr"}}
+        )
+        self.assertEqual(exprs[1]["match"]["right"], MAC)
+        self.assertNotIn("ibrname", json.dumps(exprs))
+        self.assertEqual(len(nft.guard_rules("br0", ArpRuleForm.FALLBACK, MAC)), 2)
+        self.assertEqual(len(nft.guard_rules("br0", ArpRuleForm.FALLBACK)), 1)
+
+    def test_written_on_prerouting_hook(self) -> None:
+        """A missing guard is written: chain on prerouting (before forwarding, local delivery
+        and address learning), flushed, the ARP rule then the MAC rule."""
+        ctx = FakeContext(ibrname=False)
+        ctx.tables["bridge"] = [veth_set("br0b")]
+        self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK, MAC))
+        (batch,) = ctx.batches
+        self.assertEqual(batch, nft.guard_batch("br0", ArpRuleForm.FALLBACK, MAC))
+        cmds = batch["nftables"]
+        (chain_cmd,) = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
+        self.assertEqual(
+            (chain_cmd["name"], chain_cmd["hook"], chain_cmd["prio"], chain_cmd["policy"]),
+            ("guard_br0", "prerouting", -200, "accept"),
+        )
+        ref = {"family": "bridge", "table": "one_tproxy", "name": "guard_br0"}
+        self.assertIn({"flush": {"chain": ref}}, cmds)
+        rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
+        self.assertEqual(
+            rules,
+            [nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK), nft.guard_mac_exprs("br0", MAC)],
+        )
+
+    def test_kept_when_present(self) -> None:
+        """Exactly the rules (and BRb in the set for the fallback): nothing is sent."""
+        for form, objects in [
+            (ArpRuleForm.IBRNAME, []),
+            (ArpRuleForm.FALLBACK, [veth_set("br0b")]),
+        ]:
+            ctx = FakeContext(ibrname=form is ArpRuleForm.IBRNAME)
+            ctx.tables["bridge"] = [
+                *objects,
+                guard_chain("guard_br0"),
+                rule("guard_br0", nft.guard_rule_exprs("br0", form)),
+                rule("guard_br0", nft.guard_mac_exprs("br0", MAC)),
+            ]
+            self.assertFalse(Nftables(ctx).write_guard("br0", form, MAC))
+            self.assertEqual(ctx.batches, [])
+
+    def test_rewritten_when_wrong(self) -> None:
+        """Another rule, a doubled rule, BRb missing from the set, the old forward hook, or
+        a changed MAC: rewritten."""
+        fb = nft.guard_rule_exprs("br0", ArpRuleForm.FALLBACK)
+        mac = nft.guard_mac_exprs("br0", MAC)
+        g = guard_chain("guard_br0")
+        for objects, want_mac in [
+            ([veth_set("br0b"), g, rule("guard_br0", fb), rule("guard_br0", fb)], None),
+            ([veth_set("br0b"), g, rule("guard_br0", fb[1:])], None),
+            ([veth_set("br1b"), g, rule("guard_br0", fb)], None),
+            ([veth_set("br0b"), guard_chain("guard_br0", "forward"), rule("guard_br0", fb)], None),
+            (
+                [veth_set("br0b"), g, rule("guard_br0", fb), rule("guard_br0", mac)],
+                "02:00:00:00:00:01",
+            ),
+            ([veth_set("br0b"), g, rule("guard_br0", fb)], MAC),
+        ]:
+            ctx = FakeContext(ibrname=False)
+            ctx.tables["bridge"] = objects
+            self.assertTrue(Nftables(ctx).write_guard("br0", ArpRuleForm.FALLBACK, want_mac))
+            self.assertEqual(ctx.batches, [nft.guard_batch("br0", ArpRuleForm.FALLBACK, want_mac)])
+
+    def test_refusal_raises_with_batch(self) -> None:
+        """A refused guard batch raises NftError carrying the batch."""
+        ctx = FakeContext()
+        ctx.fail_with = "Error: Could not process rule: No buffer space available"
+        e = self.assertRaises(NftError, Nftables(ctx).write_guard, "br0", ArpRuleForm.IBRNAME)
+        self.assertEqual(e.batch, nft.guard_batch("br0", ArpRuleForm.IBRNAME))

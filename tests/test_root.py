@@ -10,8 +10,10 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 
+from tests.logcapture import Captured
 from tproxy.model import Destination
 from tproxy.root import Backoff, InnerSupervisor, RootService
 
@@ -25,7 +27,7 @@ class FakeInner:
     """An inner proxy process as the launcher reports it."""
 
     bridge: str
-    pid: int
+    pid: int | None
     link_fd: int
     exited: Deferred[str] = field(factory=Deferred)
     signals: list[int] = field(factory=list)
@@ -43,11 +45,13 @@ class FakeLauncher:
 
     started: list[FakeInner] = field(factory=list)
     fail: bool = False
+    pid: int | None | bool = True  # True: 1000, 1001, ...; else this pid
 
     def launch(self, bridge: str, link_fd: int) -> FakeInner:
         if self.fail:
             raise OSError("no such executable")
-        inner = FakeInner(bridge, 1000 + len(self.started), link_fd)
+        pid = 1000 + len(self.started) if self.pid is True else self.pid
+        inner = FakeInner(bridge, pid, link_fd)  # type: ignore[arg-type]
         self.started.append(inner)
         return inner
 
@@ -169,6 +173,20 @@ class RootStartTests(unittest.TestCase):
         self.assertEqual(h.link("br0").limits, h.root.limits())
         self.assertEqual(h.empty, 0)
 
+    def test_start_logged_without_unknown_pid(self) -> None:
+        """A launcher that learns the pid later makes no "pid None" in the root's log."""
+        captured = Captured(self, "tproxy.root")
+        h = Harness({"br0": {5030: A}})
+        h.launcher.pid = None
+        h.root.startService()
+        started = [m for m in captured.messages(LogLevel.info) if "started" in m]
+        self.assertEqual(started[-1], "bridge br0: inner proxy one_tproxy_br0 started")
+        h.launcher.pid = 7
+        h.launcher.running("br0")[0].die()
+        h.clock.advance(1)
+        started = [m for m in captured.messages(LogLevel.info) if "started" in m]
+        self.assertEqual(started[-1], "bridge br0: inner proxy one_tproxy_br0 started (pid 7)")
+
     def test_same_port_two_bridges(self) -> None:
         """Two bridges mapping one port to different destinations each look up their own."""
         h = Harness({"br0": {5030: A}, "br1": {5030: B}})
@@ -240,6 +258,15 @@ class RootReloadTests(unittest.TestCase):
         self.assertEqual(h.link("br0").pushed, [[5030]])
         self.assertEqual(len(h.launcher.started), 2)
 
+    def test_limits_changed(self) -> None:
+        """Changed limits apply to the running links' next streams, without a restart."""
+        h = self.h
+        h.settings = FakeSettings(limits=FakeLimits(grace_period=7.0))
+        h.root.reload()
+        self.assertEqual(h.link("br0").limits, FakeLimits(grace_period=7.0))
+        self.assertEqual(h.link("br1").limits, FakeLimits(grace_period=7.0))
+        self.assertEqual(len(h.launcher.started), 2)
+
     def test_ports_added_and_removed(self) -> None:
         """Changed port sets are pushed to that bridge's inner only."""
         h = self.h
@@ -292,6 +319,22 @@ class RootReloadTests(unittest.TestCase):
         self.assertEqual(h.empty, 0)
         for inner in h.launcher.running("br0") + h.launcher.running("br1"):
             inner.die("exit code 0")
+        self.assertEqual(h.empty, 1)
+
+    def test_bridge_added_while_exiting(self) -> None:
+        """A bridge added while the last old one drains keeps the root running and serving it."""
+        h = self.h
+        h.maps = {}
+        h.root.reload()
+        h.maps = {"br2": {5030: C}}
+        h.root.reload()
+        for inner in h.launcher.running("br0") + h.launcher.running("br1"):
+            inner.die("exit code 0")
+        self.assertEqual(h.empty, 0)
+        self.assertEqual([i.bridge for i in h.launcher.running("br2")], ["br2"])
+        h.maps = {}
+        h.root.reload()
+        h.launcher.running("br2")[0].die("exit code 0")
         self.assertEqual(h.empty, 1)
 
     def test_sighup_forwarded_and_logs(self) -> None:

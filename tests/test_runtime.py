@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import weakref
+from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from tproxy.runtime import DaemonRuntime
+from tproxy.runtime import DaemonRuntime, MemoryReclaimer, _load_libc, _MallInfo2
 from tproxy.settings import Paths
 
 log = Logger(namespace="tests.runtime")
@@ -73,3 +76,102 @@ class DaemonRuntimeTests(unittest.TestCase):
         log.warn("filtered")
         self.assertNotIn("filtered", self.log_text())
         rt.reopen()
+
+
+class FakeLibc:
+    """mallinfo2/malloc_trim of a heap whose free bytes the test sets."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.trimmed: list[int] = []
+
+    def mallinfo2(self) -> _MallInfo2:
+        info = _MallInfo2()
+        info.fordblks = self.free
+        return info
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trimmed.append(pad)
+        self.free = 0
+        return 1
+
+
+class MemoryReclaimerTests(unittest.TestCase):
+    """Garbage is collected and free C-heap memory given back after bursts, and only then."""
+
+    def reclaimer(
+        self, libc: FakeLibc | None, blocks: list[int], **kwargs: Any
+    ) -> tuple[MemoryReclaimer, Clock, list[int]]:
+        clock = Clock()
+        collected: list[int] = []
+
+        def collect() -> int:
+            collected.append(blocks[0])
+            blocks[0] -= 100
+            return 0
+
+        r = MemoryReclaimer(
+            clock, libc=libc, allocated_blocks=lambda: blocks[0], collect=collect, **kwargs
+        )
+        return r, clock, collected
+
+    def test_trims_above_threshold(self) -> None:
+        """A look trims when more than the threshold is free, not below it."""
+        libc = FakeLibc(free=100)
+        r, _, _ = self.reclaimer(libc, [1000], threshold=1000)
+        r.check()
+        self.assertEqual(libc.trimmed, [])
+        libc.free = 5000
+        r.check()
+        self.assertEqual((libc.trimmed, r.trims), ([0], 1))
+        r.check()
+        self.assertEqual(r.trims, 1)
+
+    def test_collects_after_a_burst_only(self) -> None:
+        """A full collection runs when the allocated blocks moved a lot, either way."""
+        blocks = [10_000]
+        r, _, collected = self.reclaimer(None, blocks, collect_delta=500)
+        r.check()
+        blocks[0] += 400  # steady load: small moves
+        r.check()
+        self.assertEqual(collected, [])
+        blocks[0] += 5_000  # connections came
+        r.check()
+        blocks[0] -= 3_000  # and went
+        r.check()
+        r.check()
+        self.assertEqual(collected, [15_400, 12_300])
+        self.assertEqual(r.collections, 2)
+
+    def test_periodic(self) -> None:
+        """Started, it looks every interval; stopped, never again."""
+        libc = FakeLibc(free=5000)
+        r, clock, _ = self.reclaimer(libc, [0], interval=2.0, threshold=1000)
+        r.start()
+        clock.advance(1.0)
+        self.assertEqual(libc.trimmed, [])
+        clock.advance(1.0)
+        self.assertEqual(libc.trimmed, [0])
+        r.stop()
+        libc.free = 5000
+        clock.advance(10.0)
+        self.assertEqual(libc.trimmed, [0])
+
+    def test_real_process(self) -> None:
+        """With this interpreter's gc and this machine's glibc, a burst's garbage is freed."""
+        if _load_libc() is None:
+            raise unittest.SkipTest("no glibc mallinfo2/malloc_trim here")
+        r = MemoryReclaimer(Clock(), threshold=0, collect_delta=1000)
+        self.assertTrue(r.can_trim)
+
+        class Node:
+            other: object = None
+
+        garbage = [Node() for _ in range(5000)]
+        for i, node in enumerate(garbage):  # one ring: only a collection frees it
+            node.other = garbage[i - 1]
+        probe = weakref.ref(garbage[0])
+        del garbage, node
+        r.check()
+        self.assertIsNone(probe())
+        self.assertEqual((r.collections, r.trims), (1, 1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService
 from twisted.plugin import IPlugin, getPlugins
 from twisted.trial import unittest
@@ -20,6 +22,21 @@ class TapTests(unittest.TestCase):
         options.parseOptions(["--config", "/c", "--log-dir", "/l", "--run-dir", "/r", "--spawn"])
         self.assertEqual((options.paths.config, options.paths.log_dir), ("/c", "/l"))
         self.assertTrue(options["spawn"])
+
+    def test_relative_paths(self) -> None:
+        """Relative paths (options or environment) mean the caller's directory, not twistd's."""
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(cwd)
+        here = os.getcwd()
+        self.patch(os, "environ", {**os.environ, "ONE_TPROXY_LOG_DIR": "logs"})
+        options = tap.Options()
+        options.parseOptions(["--config", "c.yaml", "--run-dir", "./run"])
+        self.assertEqual(
+            (options.paths.config, options.paths.log_dir, options.paths.run_dir),
+            (os.path.join(here, "c.yaml"), os.path.join(here, "logs"), os.path.join(here, "run")),
+        )
 
     def test_service_tree(self) -> None:
         """The service is a RootDaemon holding the RootService; template launcher by default."""

@@ -34,3 +34,14 @@ class TemplateTests(unittest.TestCase):
         template.preload(("json",), warm=False)
         self.assertIn("json", sys.modules)
         self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_preload_looks_up_libc_once(self) -> None:
+        """preload leaves the C library handles the inner proxy uses already made."""
+        from tproxy import privileges, runtime
+
+        self.addCleanup(gc.unfreeze)
+        template.preload(("json",), warm=False)
+        self.assertEqual(len(privileges._process_libc), 1)
+        self.assertIs(privileges.process_libc(), privileges._process_libc[0])
+        self.assertEqual(len(runtime._libc), 1)
+        self.assertIn("tproxy.privileges", template.PRELOAD)

@@ -276,10 +276,14 @@ def parse_config(data: bytes | str, path: str) -> Config:
     )
 
 
+#: libyaml's parser when PyYAML has it (same results, far less Python code run).
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _load_yaml(data: bytes | str, path: str) -> tuple[yaml.Node | None, Any]:
     """The node tree (for line numbers) and the plain data of a YAML document."""
     try:
-        loader = yaml.SafeLoader(data)
+        loader = _SafeLoader(data)
         try:
             node = loader.get_single_node()
             document = loader.construct_document(node) if node is not None else None
@@ -288,6 +292,8 @@ def _load_yaml(data: bytes | str, path: str) -> tuple[yaml.Node | None, Any]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         reason = e.problem or e.context or "error"
+        if "nesting depth" in reason:  # libyaml's words for a RecursionError
+            raise ConfigError(path, "not usable YAML: nested too deeply")
         raise ConfigError(
             path, f"not valid YAML: {reason}", mark.line + 1 if mark is not None else None
         )

@@ -7,8 +7,8 @@ proxies are the ``one_tproxy_BR`` processes it started (their parent), plus,
 when no root runs, those of the bridges that this host's nftables maps name
 (orphans, which normally exit by themselves).
 
-``start`` runs ``twistd one-tproxy`` (no pid file, twistd's own log to
-/dev/null: the daemon writes ``LOG_DIR/one_tproxy.log``) and waits, bounded,
+``start`` runs ``twistd one-tproxy`` (no pid file, twistd's own log
+discarded: the daemon writes ``LOG_DIR/one_tproxy.log``) and waits, bounded,
 until the root and an inner proxy per mapped bridge are up. ``stop`` sends
 SIGTERM and really waits until the processes are gone (OpenNebula's restart
 did not), killing what outlives the grace period. The driver
@@ -93,6 +93,29 @@ def _grace_period(paths: Paths) -> float:
         return float(Limits().grace_period)
 
 
+def _config_problem(paths: Paths) -> str | None:
+    """Why the configuration file cannot be used, or None (a missing file is no problem:
+    the daemons then run on defaults and the nftables maps)."""
+    from tproxy.config import ConfigError, load_config
+
+    if not os.path.exists(paths.config):
+        return None
+    try:
+        load_config(paths.config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _make_log_dir(paths: Paths) -> str | None:
+    """Create the log directory if missing; why it cannot be, or None."""
+    try:
+        os.makedirs(paths.log_dir, mode=0o755, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the log directory {paths.log_dir}: {e.strerror or e}"
+    return None
+
+
 def _plugin_pythonpath(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment for twistd, with the directory of our twistd plugin on the path."""
     import tproxy
@@ -113,7 +136,7 @@ def twistd_argv(paths: Paths, executable: str = sys.executable) -> list[str]:
         "-c",
         "from twisted.scripts.twistd import run; run()",
         "--pidfile=",
-        "--logfile=/dev/null",
+        "--logger=tproxy.logs.discard_observer",
         "--rundir=/",
         "--umask=0022",
         "one-tproxy",
@@ -156,6 +179,8 @@ class MeshControl:
     run_twistd: Callable[[Sequence[str]], tuple[int, str]] = _run_twistd
     kill: Callable[[int, int], None] = _kill
     grace_period: Callable[[Paths], float] = _grace_period
+    config_problem: Callable[[Paths], str | None] = _config_problem
+    make_log_dir: Callable[[Paths], str | None] = _make_log_dir
     sleep: Callable[[float], None] = time.sleep
     monotonic: Callable[[], float] = time.monotonic
     lock: Callable[[Paths], AbstractContextManager[None]] = control_lock
@@ -249,6 +274,10 @@ class MeshControl:
             return 1
         if not maps:
             return 0
+        problem = self.make_log_dir(self.paths)
+        if problem is not None:
+            # The daemons run without their log files rather than not at all.
+            self.err(f"one-tproxy start: warning: {problem}")
         rc, output = self.run_twistd(twistd_argv(self.paths))
         if rc != 0:
             self.err(f"one-tproxy start: twistd failed (exit {rc}): {output.strip()}")
@@ -312,10 +341,33 @@ class MeshControl:
         return self._start()
 
     def _reload(self) -> int:
+        problem = self.config_problem(self.paths)
+        if problem is not None:
+            # The mesh keeps its last good settings; the maps are re-read all the same.
+            self.err(
+                f"one-tproxy reload: {problem}; the running mesh keeps its last good configuration"
+            )
+        rc = self._signal_reload()
+        return rc if problem is None else (rc or 1)
+
+    def _signal_reload(self) -> int:
         root = self.finder.find().root
         if root is None:
             return self._start()
         self.kill(root, signal.SIGHUP)
+        maps = self._maps()
+        if not maps:
+            return 0
+
+        # A root that was already shutting down (its last bridge had gone) ignores
+        # the SIGHUP: wait until it serves every mapped bridge, or has gone.
+        def settled() -> bool:
+            mesh = self.finder.find()
+            return mesh.root != root or set(maps) <= self._bridges_of(mesh, root)
+
+        self._wait(settled, START_TIMEOUT)
+        if self.finder.find().root is None:
+            return self._start()
         return 0
 
 

@@ -253,6 +253,11 @@ def _up(
     form, changed = nft.write_arp_rule(bridge)
     if changed:
         did(f"wrote the ARP rule of chain bridge one_tproxy ch_{bridge} ({form.value} form)")
+    if nft.write_guard(bridge, form, a_ns.address):
+        did(
+            f"wrote the anti-spoofing rules of chain bridge one_tproxy guard_{bridge} "
+            f"({form.value} form; {a_name} is {a_ns.address})"
+        )
     if nft.write_service_map(bridge, service_map):
         listing = ", ".join(f"{p} : {d.addr} . {d.port}" for p, d in service_map.items())
         did(f"wrote map ip one_tproxy ep_{bridge} {{ {listing} }}")
@@ -291,7 +296,7 @@ def _down(bridge: str, net: NetEdge, nft: NftEdge) -> list[str]:
         changes.append(what)
 
     if nft.remove_bridge(bridge):
-        did(f"removed map ep_{bridge} and chain ch_{bridge} from nftables")
+        did(f"removed map ep_{bridge} and chains ch_{bridge}, guard_{bridge} from nftables")
     # Delete BRb before the namespace: a process still inside the namespace
     # keeps it (and BRa with it) alive after the unmount.
     ns_exists = net.namespace_exists(ns)

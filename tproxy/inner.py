@@ -4,8 +4,9 @@ Theory of operation. The root proxy starts this program with its end of a
 socket pair as fd 3. :func:`main` first enters network namespace
 ``one_tproxy_BR`` (before any thread or reactor exists, and without ever
 creating it), names the process, raises its open-files limit, opens its log
-``LOG_DIR/one_tproxy_BR.log``, installs the epoll reactor and adopts fd 3 as
-its one link to the root (``tproxy.link.InnerLink``).
+``LOG_DIR/one_tproxy_BR.log``, drops every capability but
+CAP_NET_BIND_SERVICE (``tproxy.privileges``), installs the epoll reactor and
+adopts fd 3 as its one link to the root (``tproxy.link.InnerLink``).
 
 :class:`InnerService` keeps one listening endpoint service on
 ``169.254.16.9:PORT`` per service port that the root pushes, and diffs each
@@ -255,10 +256,24 @@ def _stream_count(link: object) -> int | None:
 # -- the program ------------------------------------------------------------
 
 
+#: The exact option order the template and the spawner pass.
+_FIXED_OPTIONS = ("--config", "--log-dir", "--run-dir")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """``BR --config PATH --log-dir DIR --run-dir DIR``."""
     from tproxy import settings
 
+    # The launchers' own fixed form is read without argparse: in a child forked
+    # from the template, building a parser would copy ~1.3 MB of shared pages
+    # (refcounts of the code it runs).
+    if argv is not None and len(argv) == 7 and tuple(argv[1::2]) == _FIXED_OPTIONS:
+        bridge, _, config, _, log_dir, _, run_dir = argv
+        if bridge and not bridge.startswith("-") and config and log_dir and run_dir:
+            paths = settings.Paths(config=config, log_dir=log_dir, run_dir=run_dir)
+            return argparse.Namespace(
+                bridge=bridge, config=config, log_dir=log_dir, run_dir=run_dir, paths=paths
+            )
     parser = argparse.ArgumentParser(prog="python -m tproxy.inner")
     parser.add_argument("bridge")
     parser.add_argument("--config", default=None)
@@ -333,12 +348,25 @@ class _Hangups:
             reactor.callWhenRunning(action)
 
 
+def _drop_privileges() -> None:
+    """Keep only CAP_NET_BIND_SERVICE from here on (``tproxy.privileges``, docs/security.md)."""
+    from tproxy.privileges import PrivilegeError, drop_capabilities
+
+    try:
+        drop_capabilities()
+    except PrivilegeError as e:
+        log.error("could not drop capabilities ({error}); going on with those in force", error=e)
+        return
+    log.info("capabilities dropped but CAP_NET_BIND_SERVICE; no_new_privs set")
+
+
 def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     from tproxy import runtime
 
     title = namespace_name(bridge)
     daemon = runtime.DaemonRuntime(title, paths)
     daemon.prepare()
+    _drop_privileges()
 
     from twisted.internet import epollreactor
 
@@ -375,6 +403,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     service.attach(link)
 
     hup.attach(reactor, daemon.reload)
+    runtime.MemoryReclaimer(reactor).start()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
     log.info("inner proxy {title} started (pid {pid})", title=title, pid=os.getpid())

@@ -130,6 +130,10 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
 #: frame); also the size of each read from the UNIX socket.
 LINK_HIGH_WATER = 1 << 20
 
+#: Refusals a root link logs one by one per second; beyond that they are counted
+#: and summed up in one line (a hostile inner must not be able to flood the log).
+REFUSAL_LOG_BURST = 20
+
 
 class LinkLimits(TypingProtocol):
     """The limits a link enforces (``tproxy.config.Limits`` provides them)."""
@@ -676,6 +680,11 @@ class RootLink(LinkProtocol):
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         self._per_guest: dict[str, int] = {}
         self._idle_call: IDelayedCall | None = None
+        #: Reading from the UNIX socket is paused because the inner does not read.
+        self.reading_paused = False
+        self._refusal_window = -1.0
+        self._refusals_logged = 0
+        self._refusals_unlogged = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -716,6 +725,13 @@ class RootLink(LinkProtocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        if self._refusals_unlogged:
+            self._log.warn(
+                "{link}: {n} more streams refused in its last second, not logged one by one",
+                link=self.name,
+                n=self._refusals_unlogged,
+            )
+            self._refusals_unlogged = 0
         super().connectionLost(reason)
 
     def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
@@ -737,10 +753,48 @@ class RootLink(LinkProtocol):
         """Service port -> its counters now (``tproxy.metrics``), open streams' bytes included."""
         return self.metrics.snapshot(self.live_bytes())
 
+    def _set_link_paused(self, paused: bool) -> None:
+        """The UNIX write buffer filled (or drained): also stop (or resume) reading the link.
+
+        Everything the root writes to its inner is either stream data, bounded by
+        the inner's windows, or an answer to something the inner sent (PONG,
+        OPEN_RESULT, RESET).  An inner that keeps sending PINGs or doomed OPENs
+        but never reads would otherwise grow the root's write buffer without
+        bound; so while the buffer is over the transport's limit (64 KiB) the
+        root reads nothing more from it.  The inner proxy itself always reads
+        its link, so this cannot deadlock two honest proxies, and a link whose
+        inner stops reading for good dies of the ping timeout (its PONGs are
+        not read either).
+        """
+        changed = paused != self._link_paused
+        super()._set_link_paused(paused)
+        if not changed or self.transport is None or self._lost:
+            return
+        self.reading_paused = paused
+        if paused:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        else:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
     def _refuse(self, sid: int, reason: Reason, why: str, port: int) -> None:
         self.conn.refuse(sid, reason)
         _bump(self.counters.refused, reason)
         self.metrics.port(port).refuse(reason.name)
+        now = self.reactor.seconds()
+        if now - self._refusal_window >= 1.0:
+            if self._refusals_unlogged:
+                self._log.warn(
+                    "{link}: {n} more streams refused in one second, not logged one by one",
+                    link=self.name,
+                    n=self._refusals_unlogged,
+                )
+            self._refusal_window = now
+            self._refusals_logged = 0
+            self._refusals_unlogged = 0
+        if self._refusals_logged >= REFUSAL_LOG_BURST:
+            self._refusals_unlogged += 1
+            return
+        self._refusals_logged += 1
         self._log.warn(
             "{link}: stream {sid} refused ({reason}): {why}",
             link=self.name,

@@ -307,6 +307,24 @@ class DaemonLog:
                 pass  # a full disk can fail the final flush; the file is closed anyway
 
 
+@implementer(ILogObserver)
+class _Discard:
+    """An observer that drops every event."""
+
+    def __call__(self, event: LogEvent) -> None:
+        pass
+
+
+def discard_observer() -> ILogObserver:
+    """twistd's ``--logger`` for the root proxy: its own log is ``LOG_DIR/one_tproxy.log``.
+
+    Never ``--logfile=/dev/null``: twistd's LogFile rotates at 1 MB by
+    *renaming* the file, so the host's ``/dev/null`` became ``/dev/null.1`` and a
+    regular file took its place, growing until ``/dev`` was full.
+    """
+    return _Discard()
+
+
 def _note(text: str) -> str:
     return format_event_line(
         {
@@ -360,5 +378,6 @@ __all__ = [
     "DaemonLogRoot",
     "begin_daemon_logging",
     "cli_logging",
+    "discard_observer",
     "format_event_line",
 ]

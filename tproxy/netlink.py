@@ -117,6 +117,8 @@ class Link:
     """ifindex of the bridge it is a port of, if any."""
     peer: int | None
     """For a veth: the ifindex of its peer (in the peer's namespace)."""
+    address: str | None = None
+    """Its MAC address (``aa:bb:...``), when it has one."""
 
 
 class NetEdge(Protocol):
@@ -291,6 +293,7 @@ class Netlink:
             up=bool(msg["flags"] & IFF_UP),
             master=msg.get("IFLA_MASTER"),
             peer=msg.get("IFLA_LINK"),
+            address=msg.get("IFLA_ADDRESS"),
         )
 
     def create_veth(self, name: str, peer: str) -> None:

@@ -3,8 +3,9 @@
 It reads the service maps the daemons serve (table ``ip one_tproxy``, one map
 ``ep_BR`` per bridge) and writes the per-bridge state of DESIGN.md 2.2 for the
 driver: the map ``ep_BR`` and, in table ``bridge one_tproxy``, the chain
-``ch_BR`` with its one ARP rule (and the ``tproxy_veths`` set on kernels
-without ``meta ibrname``).
+``ch_BR`` with its one ARP rule, the chain ``guard_BR`` with its
+anti-spoofing rule (and the ``tproxy_veths`` set on kernels without
+``meta ibrname``).
 
 Theory of operation:
 
@@ -109,6 +110,8 @@ class NftEdge(Protocol):
 
     def write_arp_rule(self, bridge: str) -> tuple[ArpRuleForm, bool]: ...
 
+    def write_guard(self, bridge: str, form: ArpRuleForm, mac: str | None = None) -> bool: ...
+
     def remove_bridge(self, bridge: str) -> bool: ...
 
 
@@ -138,6 +141,11 @@ def chain_name(bridge: str) -> str:
 def veth_outer(bridge: str) -> str:
     """``BRb``: the veth end that is a port of the bridge."""
     return bridge + "b"
+
+
+def guard_name(bridge: str) -> str:
+    """The nft chain of a bridge's anti-spoofing rule."""
+    return GUARD_PREFIX + bridge
 
 
 def _map_ref(bridge: str) -> dict[str, Any]:
@@ -270,6 +278,99 @@ def arp_rule_batch(bridge: str, form: ArpRuleForm) -> dict[str, Any]:
             }
         },
     ]
+    return {"nftables": cmds}
+
+
+def _bridge_port_match(bridge: str, form: ArpRuleForm, key: str) -> list[Any]:
+    """``meta ibrname "BR" KEY != "BRb"`` or, without bridge meta, ``KEY != @tproxy_veths``."""
+    if form is ArpRuleForm.IBRNAME:
+        return [
+            {"match": {"op": "==", "left": {"meta": {"key": "ibrname"}}, "right": bridge}},
+            {"match": {"op": "!=", "left": {"meta": {"key": key}}, "right": veth_outer(bridge)}},
+        ]
+    return [{"match": {"op": "!=", "left": {"meta": {"key": key}}, "right": "@" + VETH_SET}}]
+
+
+def guard_rule_exprs(bridge: str, form: ArpRuleForm) -> list[Any]:
+    """The ARP anti-spoofing rule of chain ``guard_BR``, in nft's JSON form.
+
+    ``meta ibrname "BR" iifname != "BRb" arp saddr ip 169.254.16.9 drop``, or
+    without bridge meta ``iifname != @tproxy_veths arp saddr ip 169.254.16.9 drop``:
+    an ARP packet of any operation (reply, request, gratuitous announcement)
+    whose *sender* is the service address is dropped unless it comes from a
+    ``BRb``, i.e. from the inner namespace that really owns the address.
+    """
+    return _bridge_port_match(bridge, form, "iifname") + [
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "arp", "field": "saddr ip"}},
+                "right": SERVICE_ADDRESS,
+            }
+        },
+        {"drop": None},
+    ]
+
+
+def guard_mac_exprs(bridge: str, mac: str) -> list[Any]:
+    """``iifname != "BRb" ether saddr MAC drop``: frames with ``BRa``'s MAC as source
+    from any other port.  In the prerouting hook this runs before the bridge learns
+    the source address, so no guest can make the bridge send it the frames meant for
+    ``BRa`` (FDB poisoning).  ``BRa``'s MAC names the bridge by itself: no bridge meta
+    is needed on any kernel."""
+    return [
+        {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": veth_outer(bridge)}},
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "ether", "field": "saddr"}},
+                "right": mac.lower(),
+            }
+        },
+        {"drop": None},
+    ]
+
+
+def guard_rules(bridge: str, form: ArpRuleForm, mac: str | None = None) -> list[list[Any]]:
+    """The rules of chain ``guard_BR``, in order: the ARP rule, then the MAC rule if known."""
+    rules = [guard_rule_exprs(bridge, form)]
+    if mac:
+        rules.append(guard_mac_exprs(bridge, mac))
+    return rules
+
+
+def guard_batch(bridge: str, form: ArpRuleForm, mac: str | None = None) -> dict[str, Any]:
+    """The JSON batch (re)writing chain ``guard_BR`` (prerouting hook) with its rules.
+
+    Prerouting sees every frame that enters the bridge from a port before it is
+    forwarded to other ports, delivered to the hypervisor itself, or used to
+    learn its source address.  The fallback form relies on the set
+    ``tproxy_veths`` that the ARP rule's batch creates and fills
+    (``write_arp_rule`` runs first); it is added here too, so the guard never
+    refers to a missing set.
+    """
+    ref = {"family": "bridge", "table": TABLE, "name": guard_name(bridge)}
+    cmds: list[Any] = [{"add": {"table": {"family": "bridge", "name": TABLE}}}]
+    if form is ArpRuleForm.FALLBACK:
+        cmds.append({"add": {"set": {**_set_ref(), "type": "ifname"}}})
+        cmds.append({"add": {"element": {**_set_ref(), "elem": [veth_outer(bridge)]}}})
+    cmds += [
+        {
+            "add": {
+                "chain": {
+                    **ref,
+                    "type": "filter",
+                    "hook": "prerouting",
+                    "prio": BRIDGE_FILTER_PRIORITY,
+                    "policy": "accept",
+                }
+            }
+        },
+        {"flush": {"chain": ref}},
+    ]
+    for expr in guard_rules(bridge, form, mac):
+        rule = {"family": "bridge", "table": TABLE, "chain": guard_name(bridge), "expr": expr}
+        cmds.append({"add": {"rule": rule}})
     return {"nftables": cmds}
 
 
@@ -520,6 +621,28 @@ class Nftables:
             )
         self._apply(arp_rule_batch(bridge, ArpRuleForm.FALLBACK))
         return ArpRuleForm.FALLBACK, True
+
+    def write_guard(self, bridge: str, form: ArpRuleForm, mac: str | None = None) -> bool:
+        """Make chain ``guard_BR`` hold exactly its anti-spoofing rules; True if it changed.
+
+        ``form`` is the one ``write_arp_rule`` found this kernel takes (the
+        ARP rule uses the same bridge match, so it needs no probing of its
+        own); ``mac`` is ``BRa``'s MAC address (no MAC rule without it).  A
+        chain on another hook, or with other rules, is rewritten.
+        """
+        check_bridge_name(bridge)
+        table = self._read_table("bridge")
+        chain = table.chains.get(guard_name(bridge), {})
+        rules = table.rules.get(guard_name(bridge), [])
+        in_set = veth_outer(bridge) in _set_elements(table.sets.get(VETH_SET))
+        if (
+            chain.get("hook") == "prerouting"
+            and rules == guard_rules(bridge, form, mac)
+            and (form is ArpRuleForm.IBRNAME or in_set)
+        ):
+            return False
+        self._apply(guard_batch(bridge, form, mac))
+        return True
 
     def remove_bridge(self, bridge: str) -> bool:
         """Remove map ``ep_BR``, chain ``ch_BR`` and ``BRb`` from ``tproxy_veths``.

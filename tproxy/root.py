@@ -78,6 +78,7 @@ class LinkLike(Protocol):
     """What the root uses of ``tproxy.link.RootLink`` (besides it being an IProtocol)."""
 
     closed: Deferred[None]
+    limits: Any
 
     def push_config(self, service_ports: Iterable[int]) -> None:
         """Tell the inner proxy its service ports."""
@@ -233,9 +234,10 @@ class InnerSupervisor(Service):
         self.process = process
         self._started_at = self._reactor.seconds()
         log.info(
-            "bridge {bridge}: inner proxy one_tproxy_{bridge} started (pid {pid})",
+            "bridge {bridge}: inner proxy one_tproxy_{bridge} started{pid}",
             bridge=self.bridge,
-            pid=process.pid,
+            # A forked inner's pid comes later (the launcher logs it then).
+            pid="" if process.pid is None else f" (pid {process.pid})",
         )
         link.push_config(sorted(self.services))
         link.closed.addBoth(self._link_closed, link)
@@ -279,6 +281,11 @@ class InnerSupervisor(Service):
         """Send ``signum`` to the running inner proxy, if any."""
         if self.process is not None:
             self.process.signal(signum)
+
+    def apply_limits(self) -> None:
+        """Give the live link the limits in force (a new link gets them when made)."""
+        if self.link is not None:
+            self.link.limits = self._limits()
 
     def forward_hup(self) -> None:
         """SIGHUP to the inner proxy once it is ready for one.
@@ -439,7 +446,16 @@ class RootService(MultiService):
         self._empty_called = True
         log.info("no bridge is configured: the root proxy exits")
         leaving = list(self._leaving)
-        DeferredList(leaving).addCallback(lambda _: self._on_empty())
+        DeferredList(leaving).addCallback(self._exit_if_empty)
+
+    def _exit_if_empty(self, result: object) -> None:
+        # `up` of a new bridge may have reloaded us while the old inners drained:
+        # its `start` saw this root running, so exiting now would leave it unserved.
+        if self.supervisors():
+            self._empty_called = False
+            log.info("bridges configured again: the root proxy keeps running")
+            return
+        self._on_empty()
 
     def reload(self) -> None:
         """SIGHUP's work: settings, logs, maps, inner proxies (DESIGN.md 2.4)."""
@@ -454,6 +470,7 @@ class RootService(MultiService):
             return
         self._apply(maps)
         for sup in self.supervisors().values():
+            sup.apply_limits()
             sup.forward_hup()
 
 

@@ -261,6 +261,7 @@ class _ForkedInner:
     def started(self, pid: int) -> None:
         """The template forked us as ``pid``: watch it through a pidfd."""
         self.pid = pid
+        _log.info("inner proxy one_tproxy_{bridge} forked (pid {pid})", bridge=self.bridge, pid=pid)
         try:
             fd = os.pidfd_open(pid)
         except OSError:

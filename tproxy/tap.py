@@ -24,7 +24,7 @@ from tproxy.metrics import BridgeStats
 from tproxy.observe import status_document
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
-from tproxy.runtime import DaemonRuntime
+from tproxy.runtime import DaemonRuntime, MemoryReclaimer
 from tproxy.spawn import Launcher, SpawnLauncher, TemplateLauncher
 
 log = Logger(namespace="tproxy.tap")
@@ -42,8 +42,15 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        self.paths = settings.Paths.from_sources(
+        paths = settings.Paths.from_sources(
             config=self["config"], log_dir=self["log-dir"], run_dir=self["run-dir"]
+        )
+        # Relative paths mean the caller's directory: a daemonized twistd then
+        # changes to its --rundir (`one-tproxy start` uses /), as do the inners.
+        self.paths = settings.Paths(
+            os.path.abspath(paths.config),
+            os.path.abspath(paths.log_dir),
+            os.path.abspath(paths.run_dir),
         )
 
 
@@ -128,6 +135,7 @@ class RootDaemon(MultiService):
         signal.signal(signal.SIGHUP, self._hup)
         self.runtime.prepare(begin_logging=False)
         self.root.settings = self.runtime.config
+        MemoryReclaimer(self._reactor).start()
         if self._set_title:
             import setproctitle
 

@@ -61,6 +61,7 @@ PRELOAD = (
     "tproxy.inner",
     "tproxy.root",
     "tproxy.spawn",
+    "tproxy.privileges",
     "setproctitle",
     "yaml",
 )
@@ -73,6 +74,11 @@ def preload(modules: Sequence[str] = PRELOAD, warm: bool = True) -> None:
         importlib.import_module(name)
     if warm:
         warm_up()
+    from tproxy.privileges import process_libc
+    from tproxy.runtime import _load_libc
+
+    _load_libc()
+    process_libc()
     if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
         raise RuntimeError("the template must not install a reactor")
     gc.collect()
@@ -88,7 +94,6 @@ def warm_up() -> None:
     are closed.
     """
     from twisted.internet import epollreactor
-    from twisted.internet.testing import StringTransport
 
     from tproxy.config import parse_config
     from tproxy.link import InnerLink, RootLink
@@ -106,7 +111,7 @@ def warm_up() -> None:
         )
         dest = Destination("127.0.0.1", 1)
         root = RootLink(reactor, "w", lambda port: dest, config.limits, ping_interval=None)
-        ti, tr = StringTransport(), StringTransport()
+        ti, tr = _WarmTransport(), _WarmTransport()
         inner.makeConnection(ti)
         root.makeConnection(tr)
         for _ in range(3):
@@ -134,6 +139,60 @@ def warm_up() -> None:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class _WarmTransport:
+    """A transport that only keeps what is written (the warm-up's; no test modules imported).
+
+    ``twisted.internet.testing.StringTransport`` would pull trial, unittest,
+    pdb and doctest into the template: memory every child maps, for nothing.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[bytes] = []
+        self.producer: object = None
+
+    def write(self, data: bytes) -> None:
+        self._data.append(bytes(data))
+
+    def writeSequence(self, seq: Sequence[bytes]) -> None:
+        self._data.extend(bytes(d) for d in seq)
+
+    def value(self) -> bytes:
+        return b"".join(self._data)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def loseConnection(self) -> None:
+        pass
+
+    def loseWriteConnection(self) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+    def getPeer(self) -> object:
+        return None
+
+    def getHost(self) -> object:
+        return None
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def resolve_entry(entry: str) -> Callable[[list[str]], int | None]:
