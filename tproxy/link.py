@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import (
@@ -63,6 +65,70 @@ _PAUSE_WINDOW = 2  # send window spent, backlog waiting
 _PAUSE_LINK = 4  # UNIX socket's write buffer full
 
 _PING = struct.Struct("!Q")
+
+#: Read size and write high-water mark of a stream's TCP socket.
+STREAM_BUFFER = 1 << 18
+
+#: Most buffers one ``sendmsg`` of a link flush gathers (IOV_MAX is 1024).
+_MAX_IOV = 512
+
+
+def _socket_of(transport: Any) -> Any:
+    """The socket of a real Twisted socket transport, else None (fakes in tests)."""
+    return transport.socket if isinstance(transport, tcp.Connection) else None
+
+
+def _idle(t: Any) -> bool:
+    """Whether a socket transport has nothing queued and may still be written to."""
+    return (
+        not t.dataBuffer
+        and not t._tempDataLen
+        and t.connected
+        and not t.disconnecting
+        and not t._writeDisconnecting
+        and not t._writeDisconnected
+    )
+
+
+def _write_now(t: Any, sock: Any, data: bytes) -> None:
+    """``t.write(data)``, but straight to the socket while nothing is queued.
+
+    Twisted's ``write`` only queues: the bytes leave one reactor turn later,
+    joined into one buffer (a copy), at most 128 KiB per turn. Sending at once
+    saves the turn and the copy; what the kernel does not take is queued as usual.
+    """
+    if sock is not None and _idle(t):
+        try:
+            n = sock.send(data)
+        except OSError:
+            n = 0  # EAGAIN, or an error the transport's own write will report
+        if n == len(data):
+            return
+        data = data[n:]
+    t.write(data)
+
+
+def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
+    """``t.writeSequence(chunks)``, gathered into one ``sendmsg`` while nothing is queued."""
+    if sock is not None and len(chunks) <= _MAX_IOV and _idle(t):
+        try:
+            n = sock.sendmsg(chunks)
+        except OSError:
+            n = 0
+        if n:
+            for i, c in enumerate(chunks):
+                if n < len(c):
+                    chunks = [c[n:], *chunks[i + 1 :]]
+                    break
+                n -= len(c)
+            else:
+                return
+    t.writeSequence(chunks)
+
+#: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
+#: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
+#: frame); also the size of each read from the UNIX socket.
+LINK_HIGH_WATER = 1 << 20
 
 #: Refusals a root link logs one by one per second; beyond that they are counted
 #: and summed up in one line (a hostile inner must not be able to flood the log).
@@ -153,6 +219,7 @@ class _StreamProtocol(Protocol):
         self._write_closing = False
         self._tcp_full = False
         self._withheld = 0
+        self._sock: Any = None
         self.sent = 0  # TCP -> link
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
@@ -200,6 +267,11 @@ class _StreamProtocol(Protocol):
     # -- the TCP socket's side
 
     def connectionMade(self) -> None:
+        self._sock = _socket_of(self.transport)
+        if self._sock is not None:
+            # Read up to 256 KiB per wake-up (Twisted: 64 KiB), and queue as much
+            # before the socket counts as full and credit is withheld.
+            self.transport.bufferSize = STREAM_BUFFER  # type: ignore[union-attr]
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reading = True
         self.link._tcp_connected(self)
@@ -250,7 +322,7 @@ class _StreamProtocol(Protocol):
         """Stream data from the link: write it, credit it now or when the socket drains."""
         self.received += len(data)
         self.active = True
-        self.transport.write(data)  # type: ignore[union-attr]
+        _write_now(self.transport, self._sock, data)
         if self._tcp_full:
             self._withheld += len(data)
         else:
@@ -317,6 +389,8 @@ class LinkProtocol(Protocol):
         self._log = Logger(namespace=f"tproxy.link.{bridge or self.role.value}")
         self._streams: dict[int, _StreamProtocol] = {}
         self._link_paused = False
+        self._resume_turn = 0
+        self._sock: Any = None
         self._lost = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -337,7 +411,14 @@ class LinkProtocol(Protocol):
     # -- transport plumbing
 
     def connectionMade(self) -> None:
-        self.transport.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
+        t = self.transport
+        if isinstance(t, tcp.Connection):  # a real socket transport (UNIX or TCP)
+            t.bufferSize = LINK_HIGH_WATER
+            # The link carries no file descriptors: a plain recv() instead of the
+            # UNIX transport's recvmsg() (ancillary buffer, a tuple per read).
+            t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
+        self._sock = _socket_of(t)
+        t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
         if self._ping_interval is not None:
             self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
@@ -348,7 +429,7 @@ class LinkProtocol(Protocol):
             return
         chunks = self.conn.data_to_send()
         if chunks:
-            self.transport.writeSequence(chunks)
+            _write_sequence_now(self.transport, self._sock, chunks)
 
     def dataReceived(self, data: bytes) -> None:
         if self.conn.terminated or self._lost:
@@ -473,10 +554,19 @@ class LinkProtocol(Protocol):
         if paused == self._link_paused:
             return
         self._link_paused = paused
-        for s in list(self._streams.values()):
-            if paused:
+        streams = list(self._streams.values())
+        if paused:
+            for s in streams:
                 s.set_pause(_PAUSE_LINK)
-            else:
+            return
+        # Resume in a rotating order: the epoll loop skips, within one turn, the
+        # sockets paused again meanwhile, so a fixed order (oldest first) lets the
+        # first bulk streams refill the UNIX buffer and starve the newest ones.
+        n = len(streams)
+        if n:
+            k = self._resume_turn % n
+            self._resume_turn += 1
+            for s in itertools.chain(streams[k:], streams[:k]):
                 s.clear_pause(_PAUSE_LINK)
 
     # -- ping, go-away

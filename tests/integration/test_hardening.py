@@ -18,6 +18,7 @@ import time
 
 from tests.integration.e2e import E2ETestCase
 from tests.integration.topology import SERVICE_ADDRESS, Guest, Host, wait_until
+from tproxy.protocol.frames import DEFAULT_WINDOW
 
 GUESTLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guestload.py")
 CHILDREN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_children.py")
@@ -133,8 +134,8 @@ class GuestAbuseTests(HardeningTestCase):
             f"\nslow readers: RSS growth root {grown[0] / MIB:.1f} MiB, "
             f"inner {grown[1] / MIB:.1f} MiB for 100 streams"
         )
-        # Windows: 256 KiB per stream at most in the inner, a read or so in the root.
-        self.assertLess(grown[1], 100 * 256 * 1024 + 24 * MIB)
+        # Windows: one initial window per stream at most in the inner, a read or so in the root.
+        self.assertLess(grown[1], 100 * DEFAULT_WINDOW + 24 * MIB)
         self.assertLess(grown[0], 100 * 128 * 1024 + 24 * MIB)
         self.assertGreaterEqual(fd_count(inner), fds[1] + 100)  # every stream is held
 

@@ -34,8 +34,9 @@ HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 65536
 #: Largest window (per stream) and largest WINDOW_UPDATE increment: 2**31 - 1.
 MAX_WINDOW = 2**31 - 1
-#: Default initial window per stream (256 KiB).
-DEFAULT_WINDOW = 262144
+#: Default initial window per stream (1 MiB): a stream's throughput is bounded by
+#: window / credit round trip, and 256 KiB held one stream to ~1 Gbit/s.
+DEFAULT_WINDOW = 1048576
 #: Largest stream id.
 MAX_STREAM_ID = 2**32 - 1
 #: Size of a PING/PONG payload.
