@@ -245,15 +245,22 @@ def arp_rule_exprs(bridge: str, form: ArpRuleForm) -> list[Any]:
     return head + tail
 
 
+def _bridge_prelude(bridge: str, form: ArpRuleForm) -> list[Any]:
+    """Table ``bridge one_tproxy``; for the fallback form also its set ``tproxy_veths``
+    holding ``BRb`` (both ARP chains match against it)."""
+    cmds: list[Any] = [{"add": {"table": {"family": "bridge", "name": TABLE}}}]
+    if form is ArpRuleForm.FALLBACK:
+        cmds.append({"add": {"set": {**_set_ref(), "type": "ifname"}}})
+        cmds.append({"add": {"element": {**_set_ref(), "elem": [veth_outer(bridge)]}}})
+    return cmds
+
+
 def arp_rule_batch(bridge: str, form: ArpRuleForm) -> dict[str, Any]:
     """The JSON batch (re)writing chain ``ch_BR`` with its one ARP rule.
 
     The fallback form also creates the set ``tproxy_veths`` and adds ``BRb`` to it.
     """
-    cmds: list[Any] = [{"add": {"table": {"family": "bridge", "name": TABLE}}}]
-    if form is ArpRuleForm.FALLBACK:
-        cmds.append({"add": {"set": {**_set_ref(), "type": "ifname"}}})
-        cmds.append({"add": {"element": {**_set_ref(), "elem": [veth_outer(bridge)]}}})
+    cmds = _bridge_prelude(bridge, form)
     cmds += [
         {
             "add": {
@@ -350,10 +357,7 @@ def guard_batch(bridge: str, form: ArpRuleForm, mac: str | None = None) -> dict[
     refers to a missing set.
     """
     ref = {"family": "bridge", "table": TABLE, "name": guard_name(bridge)}
-    cmds: list[Any] = [{"add": {"table": {"family": "bridge", "name": TABLE}}}]
-    if form is ArpRuleForm.FALLBACK:
-        cmds.append({"add": {"set": {**_set_ref(), "type": "ifname"}}})
-        cmds.append({"add": {"element": {**_set_ref(), "elem": [veth_outer(bridge)]}}})
+    cmds = _bridge_prelude(bridge, form)
     cmds += [
         {
             "add": {
