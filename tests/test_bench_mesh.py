@@ -110,6 +110,47 @@ class TableTests(unittest.TestCase):
         self.assertIn("(h) ≤ 5 MiB PSS per extra bridge: 5.56 MiB - MISSED", out)
 
 
+class CountingCostTests(unittest.TestCase):
+    """The mesh with and without its counters: the second table and the target line."""
+
+    results = {
+        "one-tproxy": {"b_rps": [1000.0, 1100.0, 900.0], "b_cpu_us": [900.0, 950.0, 1000.0],
+                       "c_rps": [10000.0], "c_cpu_us": [60.0]},
+        "one-tproxy-uncounted": {"b_rps": [1010.0, 1000.0, 1030.0],
+                                 "b_cpu_us": [1000.0, 900.0, 920.0],
+                                 "c_rps": [10500.0], "c_cpu_us": [50.0]},
+    }
+
+    def test_cost(self) -> None:
+        """Cost from medians: fewer req/s or more CPU per request with counters is positive."""
+        cost = bm.counting_cost(self.results)
+        self.assertAlmostEqual(cost[("b", "req/s")], 1.0)
+        self.assertAlmostEqual(cost[("b", "proxy CPU per request")], 100 * (950 / 920 - 1))
+        self.assertAlmostEqual(cost[("c", "req/s")], 5.0)
+        self.assertAlmostEqual(cost[("c", "proxy CPU per request")], 20.0)
+
+    def test_table_and_targets(self) -> None:
+        """A row per figure with each repetition; target lines per basis, holds or MISSED."""
+        text = bm.cost_table(self.results)
+        self.assertIn("| (b) Connection: close, req/s | 1000 (1000, 1100, 900) | "
+                      "1010 (1010, 1000, 1030) | +1.0 % |", text)
+        self.assertIn("| (c) proxies' CPU per request, µs | 60.0 | 50.0 | +20.0 % |", text)
+        out = bm.targets(self.results, {})
+        self.assertIn("- counting cost (b) +1.0 %, (c) +5.0 % from req/s (target < 3 %) - MISSED",
+                      out)
+        self.assertIn("- counting cost (b) +3.3 %, (c) +20.0 % from proxy CPU per request "
+                      "(target < 3 %) - MISSED", out)
+        self.assertEqual(bm.cost_table({"one-tproxy": {"a_up": [1.0]}}), "")
+        self.assertFalse(any("counting" in line for line in bm.targets({}, {})))
+
+    def test_abba_order(self) -> None:
+        """Odd repetitions swap the two meshes; other paths keep their places."""
+        paths = ("direct", "one-tproxy", "one-tproxy-uncounted")
+        self.assertEqual(bm.run_order(paths, 0), list(paths))
+        self.assertEqual(bm.run_order(paths, 1), ["direct", "one-tproxy-uncounted", "one-tproxy"])
+        self.assertEqual(bm.run_order(("one-tproxy",), 1), ["one-tproxy"])
+
+
 class ProfileSummaryTests(unittest.TestCase):
     """py-spy's collapsed stacks become self/inclusive shares."""
 

@@ -9,10 +9,13 @@ from twisted.internet import error
 from twisted.trial import unittest
 
 from tests.test_link import Harness
+from tproxy.link import LinkCounters
 from tproxy.metrics import (
+    COUNTER_METRICS,
     BridgeStats,
     LatencyWindow,
     PortStats,
+    counting_enabled,
     render_prometheus,
     render_text,
 )
@@ -181,24 +184,31 @@ class TextTests(unittest.TestCase):
         self.assertIn("listener failed", text)
 
 
+def _known_workload(case: unittest.TestCase, h: Harness) -> None:
+    """Two streams (10 and 11 bytes up, 100 down), one refused, one to an unknown port."""
+    for i in range(2):
+        g, s = h.stream()
+        g.protocol.dataReceived(b"x" * (10 + i))
+        h.pump()
+        case.assertEqual(s.take(), b"x" * (10 + i))
+        s.protocol.dataReceived(b"y" * 100)
+        h.pump()
+        case.assertEqual(g.take(), b"y" * 100)
+        g.peer_eof()
+        s.peer_eof()
+        h.pump()
+    h.guest(gport=5)
+    h.service_fails(error.ConnectionRefusedError())
+    h.guest(port=9999)
+
+
 class LinkMetricsTests(unittest.TestCase):
     """RootLink counts per service port; InnerLink reports over STATS."""
 
     def test_known_workload(self) -> None:
         """Two streams with known bytes, one refused and one unknown port give exact figures."""
         h = Harness(services={5030: Destination("10.0.0.1", 80)})
-        for i in range(2):
-            g, s = h.stream()
-            g.protocol.dataReceived(b"x" * (10 + i))
-            h.pump()
-            s.protocol.dataReceived(b"y" * 100)
-            h.pump()
-            g.peer_eof()
-            s.peer_eof()
-            h.pump()
-        h.guest(gport=5)
-        h.service_fails(error.ConnectionRefusedError())
-        h.guest(port=9999)
+        _known_workload(self, h)
         snap = h.root.snapshot()
         p = snap[5030]
         self.assertEqual(p["requested"], 3)
@@ -294,3 +304,82 @@ class LinkMetricsTests(unittest.TestCase):
         )
         line = [x for x in text.splitlines() if 'quantile="0.5"' in x][0]
         self.assertTrue(math.isnan(float(line.rsplit(" ", 1)[1])))
+
+
+def _uncounted_status() -> dict[str, object]:
+    """A status document of a mesh started with ONE_TPROXY_COUNTERS=off."""
+    return {
+        "version": 1,
+        "counting": False,
+        "root": {"pid": 10, "uptime": 3.5},
+        "bridges": {
+            "br0": {
+                "inner": {"pid": 11, "uptime": 3.0, "restarts": 0, "running": True},
+                "ports": {"5030": {"destination": "127.0.0.1:8080", "listener": "listening"}},
+            }
+        },
+    }
+
+
+class CountersOffTests(unittest.TestCase):
+    """``ONE_TPROXY_COUNTERS=off``: no counting work, and the outputs say so."""
+
+    def test_environment_switch(self) -> None:
+        """Only off/0/no/false (any case, spaces ignored) switch the counters off."""
+        for value in ("off", "OFF", " 0 ", "no", "false"):
+            self.assertFalse(counting_enabled({"ONE_TPROXY_COUNTERS": value}), value)
+        for value in ("", "on", "1", "yes"):
+            self.assertTrue(counting_enabled({"ONE_TPROXY_COUNTERS": value}), value)
+        self.assertTrue(counting_enabled({}))
+
+    def test_links_count_nothing(self) -> None:
+        """With counting off both links relay as before but keep no counter at all."""
+        h = Harness(services={5030: Destination("10.0.0.1", 80)})
+        h.root.counting = h.inner.counting = False
+        h.inner.stats_source = lambda: {"listening": [5030]}
+        _known_workload(self, h)
+        g2, s2 = h.stream()
+        g2.peer_reset()
+        h.pump()
+        self.assertEqual(h.root.metrics.ports, {})
+        self.assertEqual(h.root.snapshot(), {})
+        self.assertEqual(h.root.counters, LinkCounters())
+        self.assertEqual(h.inner.counters, LinkCounters())
+        h.reactor.advance(2.0)
+        h.pump()
+        self.assertEqual(h.root.inner_report, {"streams": 0, "listening": [5030]})
+
+    def test_link_bytes_taken_at_stream_end(self) -> None:
+        """Counting on, the link's byte counters take a stream's bytes once, when it ends."""
+        h = Harness()
+        g, s = h.stream()
+        g.protocol.dataReceived(b"abc")
+        s.protocol.dataReceived(b"defgh")
+        h.pump()
+        self.assertEqual((h.inner.counters.bytes_to_link, h.inner.counters.bytes_from_link), (0, 0))
+        live = h.inner.link_counters()
+        self.assertEqual((live["bytes_to_link"], live["bytes_from_link"]), (3, 5))
+        g.peer_eof()
+        s.peer_eof()
+        h.pump()
+        self.assertEqual((h.inner.counters.bytes_to_link, h.inner.counters.bytes_from_link), (3, 5))
+        self.assertEqual((h.root.counters.bytes_to_link, h.root.counters.bytes_from_link), (5, 3))
+        done = h.inner.link_counters()
+        self.assertEqual((done["bytes_to_link"], done["bytes_from_link"]), (3, 5))
+
+    def test_prometheus_without_counters(self) -> None:
+        """Off: processes and listeners are exported, no counter family (not zeros)."""
+        text = render_prometheus(_uncounted_status())
+        self.assertIn('one_tproxy_listener_up{bridge="br0",port="5030"} 1', text.splitlines())
+        self.assertIn('one_tproxy_inner_up{bridge="br0"} 1', text.splitlines())
+        for name in COUNTER_METRICS:
+            self.assertNotIn(name, text)
+        self.assertIn("one_tproxy_streams_open", render_prometheus(_status()))
+
+    def test_text_says_off(self) -> None:
+        """Off: ``status --verbose`` says the counters are off and shows listeners only."""
+        text = render_text(_uncounted_status())
+        self.assertIn("counters off (ONE_TPROXY_COUNTERS=off)", text.splitlines()[0])
+        self.assertIn("port 5030 -> 127.0.0.1:8080: listener listening", text)
+        self.assertNotIn("streams:", text)
+        self.assertNotIn("counters off", render_text(_status()))

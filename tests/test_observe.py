@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from tests.test_inner import FakeInnerLink
 from tests.test_inner import Harness as InnerHarness
-from tproxy.metrics import BridgeStats
+from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.observe import status_document
 
@@ -80,6 +80,29 @@ class StatusDocumentTests(unittest.TestCase):
         self.assertEqual(b["ports"]["5030"]["destination"], "10.0.0.1:80")
         self.assertEqual(b["ports"]["1234"]["listener"], "not listening")
         self.assertEqual(b["ports"]["1234"]["accepted"], 0)
+
+    def test_counting_off(self) -> None:
+        """Counting off: the document says so and has no counter figures, not zeros."""
+        link = FakeLink(
+            {5030: PortStats().snapshot()},
+            inner_report={"listening": [5030], "counters": {"accepted": 4}},
+            inner_report_at=95.0,
+        )
+        sup = FakeSupervisor(
+            "br0", {5030: Destination("10.0.0.1", 80)}, process=FakeProcess(42), link=link
+        )
+        doc = status_document(
+            [sup], {"br0": BridgeStats()}, pid=7, started_at=10.0, now=100.0, counting=False
+        )
+        self.assertIs(doc["counting"], False)
+        b = doc["bridges"]["br0"]
+        self.assertEqual(
+            b["ports"], {"5030": {"destination": "10.0.0.1:80", "listener": "listening"}}
+        )
+        self.assertNotIn("link", b["inner"])
+        on = status_document([sup], {}, pid=7, started_at=10.0, now=100.0)
+        self.assertIs(on["counting"], True)
+        self.assertEqual(on["bridges"]["br0"]["ports"]["5030"]["accepted"], 0)
 
     def test_inner_down(self) -> None:
         """Between restarts the counters come from the kept stats; listeners are not running."""

@@ -52,6 +52,26 @@ class TapTests(unittest.TestCase):
         assert isinstance(service, tap.RootDaemon)
         self.assertIsInstance(service.launcher, SpawnLauncher)
 
+    def test_counters_off(self) -> None:
+        """ONE_TPROXY_COUNTERS=off at start: links that count nothing, a document saying so."""
+        from tproxy.config import Limits
+
+        options = tap.Options()
+        options.parseOptions(["--config", "/c", "--log-dir", "/l", "--run-dir", "/r"])
+        self.patch(os, "environ", {**os.environ, "ONE_TPROXY_COUNTERS": "off"})
+        service = tap.makeService(options)
+        assert isinstance(service, tap.RootDaemon)
+        link = service._make_link("br0", lambda port: None, Limits())
+        self.assertFalse(link.counting)
+        self.assertEqual(service.stats, {})
+        self.assertIs(service._status(None)["counting"], False)
+        without = {k: v for k, v in os.environ.items() if k != "ONE_TPROXY_COUNTERS"}
+        self.patch(os, "environ", without)
+        counted = tap.makeService(options)
+        assert isinstance(counted, tap.RootDaemon)
+        self.assertTrue(counted._make_link("br0", lambda port: None, Limits()).counting)
+        self.assertIs(counted._status(None)["counting"], True)
+
     def test_plugin_found(self) -> None:
         """twistd finds the one-tproxy plugin."""
         from twisted import plugins

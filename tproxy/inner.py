@@ -376,6 +376,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
 
     reactor: Any = _reactor
     from tproxy.link import InnerLink
+    from tproxy.metrics import COUNTERS_OFF_MESSAGE, counting_enabled
 
     def stop() -> None:
         if reactor.running:
@@ -394,7 +395,10 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
         limits=daemon.limits(),
         bridge=bridge,
         stats_source=service.listener_report,
+        counting=counting_enabled(),
     )
+    if not link.counting:
+        log.warn(COUNTERS_OFF_MESSAGE)
     os.set_blocking(LINK_FD, False)
     from tproxy.root import adopt_with
 

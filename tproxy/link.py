@@ -163,17 +163,21 @@ class LinkCounters:
     resets_received: dict[Reason, int] = field(factory=dict)
     """RESETs the peer sent, by reason."""
     bytes_to_link: int = 0
-    """Bytes read from TCP sockets and sent on the link."""
+    """Bytes read from TCP sockets and sent on the link, of streams that ended."""
     bytes_from_link: int = 0
-    """Bytes received on the link and written to TCP sockets."""
+    """Bytes received on the link and written to TCP sockets, of streams that ended."""
 
 
 def _bump(counter: dict[Reason, int], reason: Reason) -> None:
     counter[reason] = counter.get(reason, 0) + 1
 
 
-def counters_dict(counters: LinkCounters) -> dict[str, Any]:
-    """``LinkCounters`` as a JSON-able dict (reasons by name), as STATS carries them."""
+def counters_dict(counters: LinkCounters, live_to: int = 0, live_from: int = 0) -> dict[str, Any]:
+    """``LinkCounters`` as a JSON-able dict (reasons by name), as STATS carries them.
+
+    ``live_to``/``live_from`` are the bytes of the streams still open (the
+    counters take a stream's bytes when it ends).
+    """
 
     def names(d: dict[Reason, int]) -> dict[str, int]:
         return {r.name: n for r, n in sorted(d.items())}
@@ -184,8 +188,8 @@ def counters_dict(counters: LinkCounters) -> dict[str, Any]:
         "refused": names(counters.refused),
         "resets_sent": names(counters.resets_sent),
         "resets_received": names(counters.resets_received),
-        "bytes_to_link": counters.bytes_to_link,
-        "bytes_from_link": counters.bytes_from_link,
+        "bytes_to_link": counters.bytes_to_link + live_to,
+        "bytes_from_link": counters.bytes_from_link + live_from,
     }
 
 
@@ -282,7 +286,6 @@ class _StreamProtocol(Protocol):
             return
         self.sent += len(data)
         self.active = True
-        link.counters.bytes_to_link += len(data)
         conn = link.conn
         conn.send_data(self.stream_id, data)
         if conn.buffered(self.stream_id):
@@ -380,10 +383,13 @@ class LinkProtocol(Protocol):
         initial_window: int = DEFAULT_WINDOW,
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
+        counting: bool = True,
     ) -> None:
         self.reactor = reactor
         self.bridge = bridge
         self.conn = Connection(self.role, initial_window=initial_window)
+        self.counting = counting
+        """False: no counting work at all (``ONE_TPROXY_COUNTERS=off``, ``tproxy.metrics``)."""
         self.counters = LinkCounters()
         self.closed: Deferred[None] = Deferred()
         self._log = Logger(namespace=f"tproxy.link.{bridge or self.role.value}")
@@ -451,7 +457,6 @@ class LinkProtocol(Protocol):
             if type(event) is ev.DataReceived:
                 s = streams.get(event.stream_id)
                 if s is not None:
-                    self.counters.bytes_from_link += len(event.data)
                     s.deliver(event.data)
             else:
                 self._event(event)
@@ -468,7 +473,8 @@ class LinkProtocol(Protocol):
             if s is not None:
                 s.close_write()
         elif isinstance(event, ev.StreamReset):
-            _bump(self.counters.resets_received, event.reason)
+            if self.counting:
+                _bump(self.counters.resets_received, event.reason)
             s = self._streams.get(event.stream_id)
             if s is not None:
                 if s.stats is not None:
@@ -528,7 +534,8 @@ class LinkProtocol(Protocol):
         if s.stream_id and self.conn.stream_state(s.stream_id) is not StreamState.CLOSED:
             if not self._lost:
                 self.conn.reset(s.stream_id, Reason.ABORTED)
-                _bump(self.counters.resets_sent, Reason.ABORTED)
+                if self.counting:
+                    _bump(self.counters.resets_sent, Reason.ABORTED)
                 if s.stats is not None:
                     s.stats.reset(Reason.ABORTED.name)
                 self.flush()
@@ -549,6 +556,17 @@ class LinkProtocol(Protocol):
     def _forget(self, s: _StreamProtocol) -> None:
         if self._streams.get(s.stream_id) is s:
             del self._streams[s.stream_id]
+            if self.counting:
+                c = self.counters
+                c.bytes_to_link += s.sent
+                c.bytes_from_link += s.received
+
+    def link_counters(self) -> dict[str, Any]:
+        """``counters_dict`` of this link now, the open streams' bytes included."""
+        streams = self._streams.values()
+        return counters_dict(
+            self.counters, sum(s.sent for s in streams), sum(s.received for s in streams)
+        )
 
     def _set_link_paused(self, paused: bool) -> None:
         if paused == self._link_paused:
@@ -661,6 +679,7 @@ class RootLink(LinkProtocol):
         initial_window: int = DEFAULT_WINDOW,
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
+        counting: bool = True,
     ) -> None:
         super().__init__(
             reactor,
@@ -668,6 +687,7 @@ class RootLink(LinkProtocol):
             initial_window=initial_window,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            counting=counting,
         )
         self.lookup = lookup
         self.limits = limits
@@ -714,7 +734,8 @@ class RootLink(LinkProtocol):
                 idle=idle,
             )
             self.conn.reset(s.stream_id, Reason.IDLE_TIMEOUT)
-            _bump(self.counters.resets_sent, Reason.IDLE_TIMEOUT)
+            if self.counting:
+                _bump(self.counters.resets_sent, Reason.IDLE_TIMEOUT)
             if s.stats is not None:
                 s.stats.reset(Reason.IDLE_TIMEOUT.name)
             s.abort()
@@ -778,8 +799,9 @@ class RootLink(LinkProtocol):
 
     def _refuse(self, sid: int, reason: Reason, why: str, port: int) -> None:
         self.conn.refuse(sid, reason)
-        _bump(self.counters.refused, reason)
-        self.metrics.port(port).refuse(reason.name)
+        if self.counting:
+            _bump(self.counters.refused, reason)
+            self.metrics.port(port).refuse(reason.name)
         now = self.reactor.seconds()
         if now - self._refusal_window >= 1.0:
             if self._refusals_unlogged:
@@ -825,9 +847,11 @@ class RootLink(LinkProtocol):
 
     def _open(self, event: ev.OpenRequested) -> None:
         sid, port, guest = event.stream_id, event.service_port, event.guest_host
-        self.counters.opened += 1
-        stats = self.metrics.ports.get(port) or self.metrics.port(port)
-        stats.requested += 1
+        stats: PortStats | None = None
+        if self.counting:
+            self.counters.opened += 1
+            stats = self.metrics.ports.get(port) or self.metrics.port(port)
+            stats.requested += 1
         where = f"service port {port} from guest {guest}:{event.guest_port}"
         try:
             dest = self.lookup(port)
@@ -862,9 +886,10 @@ class RootLink(LinkProtocol):
         s.stream_id = sid
         s.guest = f"{guest}:{event.guest_port}"
         s.destination = dest
-        s.stats = stats
-        s.opened_at = self.reactor.seconds()
-        stats.streams_open += 1
+        if stats is not None:
+            s.stats = stats
+            s.opened_at = self.reactor.seconds()
+            stats.streams_open += 1
         self._streams[sid] = s
         self._per_guest[guest] = self._per_guest.get(guest, 0) + 1
         s.guest_ip = guest
@@ -881,10 +906,13 @@ class RootLink(LinkProtocol):
         if self._streams.get(s.stream_id) is s:
             del self._streams[s.stream_id]
             stats = s.stats
-            if stats is not None:  # PortStats.ended, inlined
+            if stats is not None:  # PortStats.ended, inlined, and the link's byte counts
                 stats.streams_open -= 1
                 stats.bytes_to_service += s.received
                 stats.bytes_to_guest += s.sent
+                c = self.counters
+                c.bytes_to_link += s.sent
+                c.bytes_from_link += s.received
             ip = s.guest_ip
             if ip is not None:
                 left = self._per_guest.get(ip, 1) - 1
@@ -899,10 +927,11 @@ class RootLink(LinkProtocol):
             s.abort()
             return
         self.conn.accept(s.stream_id)
-        self.counters.accepted += 1
-        if s.stats is not None:
-            s.stats.accepted += 1
-            s.stats.latency.record(self.reactor.seconds() - s.opened_at)
+        stats = s.stats
+        if stats is not None:
+            self.counters.accepted += 1
+            stats.accepted += 1
+            stats.latency.record(self.reactor.seconds() - s.opened_at)
         self._log.debug(
             "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
             link=self.name,
@@ -974,6 +1003,7 @@ class InnerLink(LinkProtocol):
         initial_window: int = DEFAULT_WINDOW,
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
+        counting: bool = True,
     ) -> None:
         super().__init__(
             reactor,
@@ -981,6 +1011,7 @@ class InnerLink(LinkProtocol):
             initial_window=initial_window,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            counting=counting,
         )
         self.on_config = on_config
         self.limits = limits
@@ -1008,11 +1039,11 @@ class InnerLink(LinkProtocol):
         self._stats_call = self.reactor.callLater(self._stats_interval, self._stats_tick)
 
     def report(self) -> dict[str, Any]:
-        """The STATS report: the link's counters, open streams, and ``stats_source()``'s keys."""
-        report: dict[str, Any] = {
-            "counters": counters_dict(self.counters),
-            "streams": len(self._streams),
-        }
+        """The STATS report: the link's counters (when counting), open streams, and
+        ``stats_source()``'s keys."""
+        report: dict[str, Any] = {"streams": len(self._streams)}
+        if self.counting:
+            report["counters"] = self.link_counters()
         if self.stats_source is not None:
             try:
                 report.update(self.stats_source())
@@ -1042,7 +1073,8 @@ class InnerLink(LinkProtocol):
         gport = getattr(peer, "port", 0)
         s.guest = f"{host}:{gport}"
         if self._lost or self.transport is None or not self.conn.may_open:
-            _bump(self.counters.refused, Reason.SHUTTING_DOWN)
+            if self.counting:
+                _bump(self.counters.refused, Reason.SHUTTING_DOWN)
             self._log.info(
                 "{link}: guest {guest} on port {port} reset: the link is going away",
                 link=self.name,
@@ -1055,7 +1087,8 @@ class InnerLink(LinkProtocol):
         if self._link_paused:
             s.set_pause(_PAUSE_LINK)
         s.stream_id = self.conn.open_stream(s.service_port, host, gport)
-        self.counters.opened += 1
+        if self.counting:
+            self.counters.opened += 1
         self._streams[s.stream_id] = s
         self.flush()
 
@@ -1063,7 +1096,8 @@ class InnerLink(LinkProtocol):
         if isinstance(event, ev.StreamAccepted):
             s = self._streams.get(event.stream_id)
             if s is not None:
-                self.counters.accepted += 1
+                if self.counting:
+                    self.counters.accepted += 1
                 self._log.debug(
                     "{link}: stream {sid} open: guest {guest} (service port {port})",
                     link=self.name,
@@ -1073,7 +1107,8 @@ class InnerLink(LinkProtocol):
                 )
                 s.clear_pause(_PAUSE_OPENING)
         elif isinstance(event, ev.StreamRefused):
-            _bump(self.counters.refused, event.reason)
+            if self.counting:
+                _bump(self.counters.refused, event.reason)
             s = self._streams.get(event.stream_id)
             if s is not None:
                 self._log.info(

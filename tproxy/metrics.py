@@ -9,6 +9,15 @@ of the streams still open. Connect latency goes into a fixed ring of the last
 :data:`LATENCY_WINDOW` samples (no allocation after the first fill);
 percentiles are computed only when a snapshot is taken.
 
+The counting can be switched off for a whole mesh with the environment
+variable :data:`COUNTERS_ENV` (``ONE_TPROXY_COUNTERS=off``), read once when a
+proxy starts and inherited by the inner proxies: it exists to measure what the
+counting costs (``bench/bench_mesh.py``'s ``one-tproxy-uncounted`` path). Off
+means the links do none of the counting work (no :class:`PortStats`, no
+latency clock readings, no link counters, no counters in STATS reports), and
+the status document says ``"counting": false`` and carries no counter figures
+rather than zeros.
+
 The *status document* is the JSON object the control channel returns
 (``{"cmd": "stats"}``, see ``docs/operations.md``): :func:`render_prometheus`
 and :func:`render_text` turn it into the Prometheus text exposition format and
@@ -19,6 +28,7 @@ but that document.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +39,24 @@ LATENCY_WINDOW = 1024
 
 #: Version of the status document (bumped on incompatible changes).
 STATUS_VERSION = 1
+
+
+#: Environment variable that switches the counters off (``off``/``0``/``no``/``false``).
+COUNTERS_ENV = "ONE_TPROXY_COUNTERS"
+
+_OFF = frozenset({"off", "0", "no", "false"})
+
+
+def counting_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process counts: False when ``ONE_TPROXY_COUNTERS`` says ``off``."""
+    env = os.environ if environ is None else environ
+    return env.get(COUNTERS_ENV, "").strip().lower() not in _OFF
+
+
+#: What a proxy logs (WARNING) at start when its counters are off.
+COUNTERS_OFF_MESSAGE = (
+    COUNTERS_ENV + "=off: counters off in this process (status shows no figures)"
+)
 
 
 class LatencyWindow:
@@ -237,11 +265,25 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+#: The families that exist only while the proxies count (``ONE_TPROXY_COUNTERS``).
+COUNTER_METRICS = frozenset(
+    name
+    for name in METRICS
+    if name.startswith(("one_tproxy_streams_", "one_tproxy_bytes_", "one_tproxy_connect_"))
+)
+
+
 def render_prometheus(status: Mapping[str, Any]) -> str:
-    """The status document in the Prometheus text exposition format (version 0.0.4)."""
+    """The status document in the Prometheus text exposition format (version 0.0.4).
+
+    A document of a mesh that does not count (``"counting": false``) gives the
+    process and listener families only, not counters that would read zero.
+    """
+    counting = status.get("counting", True) is not False
     out = _Exposition()
     for name, (kind, help_text) in METRICS.items():
-        out.declare(name, kind, help_text)
+        if counting or name not in COUNTER_METRICS:
+            out.declare(name, kind, help_text)
     out.add("one_tproxy_up", {}, 1)
     root = status.get("root") or {}
     if root.get("uptime") is not None:
@@ -267,6 +309,8 @@ def render_prometheus(status: Mapping[str, Any]) -> str:
             listener = p.get("listener")
             if listener is not None:
                 out.add("one_tproxy_listener_up", bp, listener == "listening")
+            if not counting:
+                continue
             out.add("one_tproxy_streams_open", bp, int(p["streams_open"]))
             out.add("one_tproxy_streams_requested_total", bp, int(p["requested"]))
             out.add("one_tproxy_streams_accepted_total", bp, int(p["accepted"]))
@@ -316,7 +360,11 @@ def _reasons(counts: Mapping[str, int]) -> str:
 def render_text(status: Mapping[str, Any]) -> str:
     """The status document for people (``one-tproxy status --verbose``)."""
     root = status.get("root") or {}
-    lines = [f"one_tproxy: pid {root.get('pid')}, up {_duration(root.get('uptime'))}"]
+    counting = status.get("counting", True) is not False
+    head = f"one_tproxy: pid {root.get('pid')}, up {_duration(root.get('uptime'))}"
+    if not counting:
+        head += f"; counters off ({COUNTERS_ENV}=off)"
+    lines = [head]
     bridges: Mapping[str, Any] = status.get("bridges") or {}
     for bridge in sorted(bridges):
         info = bridges[bridge]
@@ -329,11 +377,13 @@ def render_text(status: Mapping[str, Any]) -> str:
         ports: Mapping[str, Any] = info.get("ports") or {}
         for port in sorted(ports, key=int):
             p = ports[port]
-            lat = p["connect_latency"]
             lines.append(
                 f"    port {port} -> {p.get('destination') or '(not in the map)'}: "
                 f"listener {p.get('listener') or 'unknown'}"
             )
+            if not counting:
+                continue
+            lat = p["connect_latency"]
             lines.append(
                 f"      streams: {p['streams_open']} open, {p['accepted']} accepted, "
                 f"refused {_reasons(p['refused'])}, reset {_reasons(p['resets'])}"

@@ -39,14 +39,18 @@ def _listener(report: Mapping[str, Any] | None, port: int) -> str:
     return "not listening"
 
 
-def bridge_status(sup: SupervisorView, stats: BridgeStats | None, now: float) -> dict[str, Any]:
-    """One bridge's part of the status document."""
+def bridge_status(
+    sup: SupervisorView, stats: BridgeStats | None, now: float, counting: bool = True
+) -> dict[str, Any]:
+    """One bridge's part of the status document (without counter figures unless ``counting``)."""
     link = sup.link
     process = sup.process
     running = process is not None and getattr(process, "pid", None) is not None
     report = getattr(link, "inner_report", None) if link is not None else None
     report_at = getattr(link, "inner_report_at", None) if link is not None else None
-    if link is not None and hasattr(link, "snapshot"):
+    if not counting:
+        counters: dict[int, Any] = {}
+    elif link is not None and hasattr(link, "snapshot"):
         counters = link.snapshot()
     elif stats is not None:
         counters = stats.snapshot()
@@ -54,7 +58,7 @@ def bridge_status(sup: SupervisorView, stats: BridgeStats | None, now: float) ->
         counters = {}
     ports: dict[str, Any] = {}
     for port in sorted(set(sup.services) | set(counters)):
-        entry = dict(counters.get(port) or empty_port())
+        entry = dict(counters.get(port) or empty_port()) if counting else {}
         dest = sup.services.get(port)
         entry["destination"] = str(dest) if dest is not None else None
         entry["listener"] = _listener(report, port) if running else "not running"
@@ -66,7 +70,7 @@ def bridge_status(sup: SupervisorView, stats: BridgeStats | None, now: float) ->
         "restarts": max(0, sup.starts - 1),
         "report_age": None if report_at is None else now - report_at,
     }
-    if report is not None and isinstance(report.get("counters"), dict):
+    if counting and report is not None and isinstance(report.get("counters"), dict):
         inner["link"] = report["counters"]
     return {"inner": inner, "ports": ports}
 
@@ -77,13 +81,19 @@ def status_document(
     pid: int,
     started_at: float,
     now: float,
+    counting: bool = True,
 ) -> dict[str, Any]:
-    """The whole status document (``docs/operations.md``, "Control channel")."""
+    """The whole status document (``docs/operations.md``, "Control channel").
+
+    ``counting`` False (``ONE_TPROXY_COUNTERS=off``): the document says so and
+    carries processes, destinations and listeners, but no counter figures.
+    """
     return {
         "version": STATUS_VERSION,
+        "counting": counting,
         "root": {"pid": pid, "uptime": now - started_at},
         "bridges": {
-            sup.bridge: bridge_status(sup, stats.get(sup.bridge), now)
+            sup.bridge: bridge_status(sup, stats.get(sup.bridge), now, counting)
             for sup in sorted(supervisors, key=lambda s: s.bridge)
         },
     }

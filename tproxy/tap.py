@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tproxy import control, settings
-from tproxy.metrics import BridgeStats
+from tproxy.metrics import COUNTERS_OFF_MESSAGE, BridgeStats, counting_enabled
 from tproxy.observe import status_document
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
@@ -86,6 +86,8 @@ class RootDaemon(MultiService):
         self.root.setServiceParent(self)
         self.stats: dict[str, BridgeStats] = {}
         """Bridge -> its per-port counters, kept across restarts of its inner proxy."""
+        self.counting = counting_enabled()
+        """False when ``ONE_TPROXY_COUNTERS=off`` (read once; the inner proxies inherit it)."""
         self.started_at = reactor.seconds()
         control.ControlService(
             reactor,
@@ -104,6 +106,7 @@ class RootDaemon(MultiService):
             os.getpid(),
             self.started_at,
             self._reactor.seconds(),
+            counting=self.counting,
         )
 
     def _read_maps(self) -> Any:
@@ -116,6 +119,8 @@ class RootDaemon(MultiService):
     def _make_link(self, bridge: str, lookup: Any, limits: Any) -> Any:
         from tproxy.link import RootLink
 
+        if not self.counting:
+            return RootLink(self._reactor, bridge, lookup, limits, counting=False)
         metrics = self.stats.setdefault(bridge, BridgeStats())
         return RootLink(self._reactor, bridge, lookup, limits, metrics=metrics)
 
@@ -140,6 +145,8 @@ class RootDaemon(MultiService):
             import setproctitle
 
             setproctitle.setproctitle(ROOT_TITLE)
+        if not self.counting:
+            log.warn(COUNTERS_OFF_MESSAGE)
         super().privilegedStartService()
 
 

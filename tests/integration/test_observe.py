@@ -158,6 +158,39 @@ class StatusTests(ObserveTestCase):
         self.assertEqual(b["ports"]["5030"]["accepted"], n)
         self.assertEqual(b["ports"]["5030"]["bytes_to_service"], n * size)
 
+    def test_counters_off(self) -> None:
+        """Started with ONE_TPROXY_COUNTERS=off the mesh serves; status says counters off."""
+        sink_port = 7103
+        self.host.serve_sink(sink_port)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, sink_port)})
+        self.host.write_config(config_yaml([], debug_level=3))
+        self.host.used_tproxy = True
+        started = self.host.run(
+            self.host.tproxy_argv("start"),
+            env={**self.host.env, "ONE_TPROXY_COUNTERS": "off"},
+            timeout=60,
+        )
+        self.assertEqual(started.returncode, 0, started.stderr + self.host.logs())
+        self.wait_listening(br, 5030)
+        done = guest.upload(5030, 10_000)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        doc = self.status_json()
+        self.assertIs(doc["counting"], False)
+        self.assertEqual(
+            doc["bridges"][br]["ports"]["5030"],
+            {"destination": f"{LOCAL}:{sink_port}", "listener": "listening"},
+        )
+        self.assertNotIn("link", doc["bridges"][br]["inner"])
+        # Both proxies say so in their logs: the inner one inherited the switch.
+        for name in ("one_tproxy", f"one_tproxy_{br}"):
+            with open(os.path.join(self.host.log_dir, f"{name}.log")) as f:
+                self.assertIn("ONE_TPROXY_COUNTERS=off: counters off", f.read(), name)
+        verbose = self.host.tproxy("status", "--verbose")
+        self.assertIn("counters off (ONE_TPROXY_COUNTERS=off)", verbose.stdout)
+        prom = self.host.tproxy("status", "--prometheus")
+        self.assertIn(f'one_tproxy_listener_up{{bridge="{br}",port="5030"}} 1', prom.stdout)
+        self.assertNotIn("one_tproxy_streams_accepted_total", prom.stdout)
+
     def test_not_running(self) -> None:
         """Without a root proxy, status --json exits 3 and --prometheus says one_tproxy_up 0."""
         done = self.host.tproxy("status", "--json")
