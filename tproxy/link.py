@@ -203,14 +203,14 @@ class _StreamProtocol(Protocol):
     which is when withheld credit goes back to the peer.
     """
 
-    # Root only, set by RootLink._open: the port's counters and when the OPEN
-    # arrived (class defaults, so that the inner's streams carry no extra attributes).
-    stats: PortStats | None = None
-    opened_at: float = 0.0
-
     def __init__(self, link: LinkProtocol, service_port: int) -> None:
         self.link = link
         self.service_port = service_port
+        # Root only, set by RootLink._open when counting: the port's counters and
+        # when the OPEN arrived. Set here for every stream: CPython's attribute
+        # caches want every instance to get its attributes in the same order.
+        self.stats: PortStats | None = None
+        self.opened_at = 0.0
         self.stream_id = 0
         self.guest = ""
         self.guest_ip: str | None = None
