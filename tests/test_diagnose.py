@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +20,9 @@ from tproxy.diagnose import (
     describe_os_error,
     diagnose,
     parse_proc_net_tcp,
+    proc_listeners,
     report,
+    status_listen_errors,
     tcp_connect,
 )
 from tproxy.model import Destination
@@ -134,6 +139,37 @@ class DiagnoseTests(unittest.TestCase):
             ],
         )
 
+    def test_listener_bind_error(self) -> None:
+        """A port the inner proxy cannot bind is named with the reason the root reports."""
+        e = edges(
+            listeners=lambda pid: set(),
+            listen_errors=lambda br: {5030: "Address already in use"} if br == "br0" else {},
+        )
+        self.assertEqual(
+            failures(e),
+            [
+                "br0 port 5030: \u2717 listening on 169.254.16.9:5030: "
+                "the inner proxy does not listen on it "
+                "(cannot bind: Address already in use; it keeps retrying)"
+            ],
+        )
+
+    def test_status_listen_errors(self) -> None:
+        """The bind errors of one bridge are read out of a status document."""
+        doc = {
+            "bridges": {
+                "br0": {
+                    "ports": {
+                        "5030": {"listener": "not listening", "listen_error": "in use"},
+                        "80": {"listener": "listening"},
+                    }
+                }
+            }
+        }
+        self.assertEqual(status_listen_errors(doc, "br0"), {5030: "in use"})
+        self.assertEqual(status_listen_errors(doc, "br1"), {})
+        self.assertEqual(status_listen_errors({}, "br0"), {})
+
     def test_veth_down(self) -> None:
         """A veth that is down is named, both ends."""
         net = FakeNet()
@@ -246,6 +282,27 @@ class EdgeHelperTests(unittest.TestCase):
             "garbage\n"
         )
         self.assertEqual(parse_proc_net_tcp(text), {("169.254.16.9", 5030), ("127.0.0.1", 8080)})
+
+    def test_proc_listeners_own_sockets_only(self) -> None:
+        """Only the listening sockets the process holds count, not others in its namespace."""
+        mine = socket.socket()
+        self.addCleanup(mine.close)
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        other = subprocess.Popen(
+            [sys.executable, "-c", "import socket, sys, time\n"
+             "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+             "print(s.getsockname()[1], flush=True); time.sleep(30)\n"],
+            stdout=subprocess.PIPE,
+        )
+        self.addCleanup(other.wait)
+        self.addCleanup(other.kill)
+        assert other.stdout is not None
+        their_port = int(other.stdout.readline())
+        found = proc_listeners(os.getpid())
+        self.assertIn(("127.0.0.1", mine.getsockname()[1]), found)
+        self.assertNotIn(("127.0.0.1", their_port), found)
+        self.assertIn(("127.0.0.1", their_port), proc_listeners(other.pid))
 
     def test_describe(self) -> None:
         """Refused, no route and timed out have plain words."""

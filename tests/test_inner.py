@@ -9,8 +9,10 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 
+from tests.logcapture import Captured
 from tproxy.inner import InnerService, _Hangups, parse_args
 
 
@@ -33,6 +35,8 @@ class Endpoints:
 
     ports: list[FakePort] = field(factory=list)
     refuse: set[int] = field(factory=set)
+    reason: str = "in use"
+    attempts: int = 0
 
     def make(self, number: int) -> FakeEndpoint:
         return FakeEndpoint(self, number)
@@ -49,8 +53,10 @@ class FakeEndpoint:
     number: int
 
     def listen(self, factory: IProtocolFactory) -> Deferred[FakePort]:
+        self.owner.attempts += 1
         if self.number in self.owner.refuse:
-            return defer.fail(CannotListenError("169.254.16.9", self.number, OSError("in use")))
+            error = OSError(self.owner.reason)
+            return defer.fail(CannotListenError("169.254.16.9", self.number, error))
         port = FakePort(self.number, factory)
         self.owner.ports.append(port)
         return defer.succeed(port)
@@ -138,6 +144,53 @@ class InnerPortsTests(unittest.TestCase):
         h.endpoints.refuse = set()
         h.clock.advance(1.0)
         self.assertEqual(h.endpoints.listening(), [1234, 5030])
+
+    def test_bind_failure_backs_off(self) -> None:
+        """A port that stays busy is retried after 1, 2, 4 ... 60 s, logged once per step."""
+        log = Captured(self, "tproxy.inner")
+        h = Harness()
+        h.endpoints.refuse = {1234}
+        h.service.set_ports(frozenset({1234}))
+        attempts = [0.0]
+        for second in range(1, 200):
+            before = h.endpoints.attempts
+            h.clock.advance(1.0)
+            if h.endpoints.attempts > before:
+                attempts.append(float(second))
+        self.assertEqual(attempts, [0, 1, 3, 7, 15, 31, 63, 123, 183])
+        errors = log.messages(LogLevel.error)
+        self.assertEqual(len(errors), 7, errors)
+        self.assertIn("cannot listen on 169.254.16.9:1234: in use; retrying in 1 s", errors[0])
+        self.assertIn("(7 attempts): in use; retrying in 60 s", errors[-1])
+        report = h.service.listener_report()
+        self.assertEqual(report["not_listening"], [1234])
+        self.assertEqual(report["listen_errors"], {"1234": "in use"})
+        h.endpoints.refuse = set()
+        h.clock.advance(60.0)
+        self.assertEqual(h.endpoints.listening(), [1234])
+        self.assertNotIn("listen_errors", h.service.listener_report())
+        self.assertIn(
+            "listening on 169.254.16.9:1234 (after 9 failed attempts)",
+            log.messages(LogLevel.info),
+        )
+
+    def test_new_reason_logged(self) -> None:
+        """At the longest delay a failure is logged again only when its reason changes."""
+        log = Captured(self, "tproxy.inner")
+        h = Harness()
+        h.endpoints.refuse = {1234}
+        h.service.set_ports(frozenset({1234}))
+        for _ in range(63):
+            h.clock.advance(1.0)
+        log.clear()
+        h.endpoints.reason = "permission denied"
+        for _ in range(120):
+            h.clock.advance(1.0)
+        errors = log.messages(LogLevel.error)
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("permission denied; retrying in 60 s", errors[0])
+        report = h.service.listener_report()
+        self.assertEqual(report["listen_errors"], {"1234": "permission denied"})
 
     def test_retry_stops_with_port(self) -> None:
         """A port dropped while its bind is being retried is not bound later."""

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from tests.test_inner import FakeInnerLink
 from tests.test_inner import Harness as InnerHarness
-from tproxy.metrics import BridgeStats, PortStats
+from tproxy.metrics import BridgeStats, PortStats, render_text
 from tproxy.model import Destination
 from tproxy.observe import status_document
 
@@ -104,6 +104,26 @@ class StatusDocumentTests(unittest.TestCase):
         self.assertIs(on["counting"], True)
         self.assertEqual(on["bridges"]["br0"]["ports"]["5030"]["accepted"], 0)
 
+    def test_listen_error(self) -> None:
+        """A port the inner proxy cannot bind carries the reason it reported."""
+        report = {"listening": [], "listen_errors": {"5030": "Address already in use"}}
+        link = FakeLink({}, inner_report=report, inner_report_at=1.0)
+        sup = FakeSupervisor(
+            "br0",
+            {5030: Destination("10.0.0.1", 80), 81: Destination("10.0.0.1", 81)},
+            process=FakeProcess(42),
+            link=link,
+        )
+        doc = status_document([sup], {}, pid=7, started_at=0.0, now=1.0)
+        ports = doc["bridges"]["br0"]["ports"]
+        self.assertEqual(ports["5030"]["listener"], "not listening")
+        self.assertEqual(ports["5030"]["listen_error"], "Address already in use")
+        self.assertNotIn("listen_error", ports["81"])
+        self.assertIn(
+            "listener not listening (Address already in use; retrying)",
+            render_text({"bridges": {"br0": {"inner": {}, "ports": ports}}}),
+        )
+
     def test_inner_down(self) -> None:
         """Between restarts the counters come from the kept stats; listeners are not running."""
         stats = BridgeStats()
@@ -140,7 +160,8 @@ class InnerListenerReportTests(unittest.TestCase):
     """The inner proxy's part of its STATS report."""
 
     def test_report_and_notify(self) -> None:
-        """Bound and unbound ports are listed; each bind asks the link to report now."""
+        """Bound and unbound ports (with the reason) are listed; each bind, and a port's
+        first failure, ask the link to report now."""
         h = InnerHarness()
         link = ReportingLink()
         h.service.link = link
@@ -148,7 +169,14 @@ class InnerListenerReportTests(unittest.TestCase):
         h.service.set_ports(frozenset({5030, 1234}))
         self.assertEqual(
             h.service.listener_report(),
-            {"pid": os.getpid(), "listening": [5030], "not_listening": [1234]},
+            {
+                "pid": os.getpid(),
+                "listening": [5030],
+                "not_listening": [1234],
+                "listen_errors": {"1234": "in use"},
+            },
         )
-        self.assertEqual(link.reports, 1)
+        self.assertEqual(link.reports, 2)
+        h.clock.advance(1.0)
+        self.assertEqual(link.reports, 2, "a retry that fails again is no news")
         self.flushLoggedErrors()

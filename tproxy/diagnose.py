@@ -27,10 +27,11 @@ changes anything.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Protocol
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from attrs import frozen
 
@@ -122,19 +123,26 @@ class Edges:
     """PID -> (IPv4 address, port) of the TCP sockets listening in its namespace."""
     connect: Callable[[Destination, float], ConnectResult]
     """Try a TCP connection now with a timeout."""
+    listen_errors: Callable[[str], Mapping[int, str]] = lambda bridge: {}  # noqa: E731
+    """Bridge -> port -> why its inner proxy cannot bind it (from the root's status)."""
 
 
 # ---------------------------------------------------------------- the real edges
 
 
-def parse_proc_net_tcp(text: str) -> set[tuple[str, int]]:
-    """(address, port) of every LISTEN socket in a ``/proc/.../net/tcp`` text."""
+def parse_proc_net_tcp(
+    text: str, inodes: Collection[int] | None = None
+) -> set[tuple[str, int]]:
+    """(address, port) of every LISTEN socket in a ``/proc/.../net/tcp`` text
+    (only the sockets with one of ``inodes``, when given)."""
     found: set[tuple[str, int]] = set()
     for line in text.splitlines()[1:]:
         fields = line.split()
         if len(fields) < 4 or fields[3] != "0A":
             continue
         try:
+            if inodes is not None and (len(fields) < 10 or int(fields[9]) not in inodes):
+                continue
             addr_hex, port_hex = fields[1].split(":")
             packed = int(addr_hex, 16).to_bytes(4, "little")
             found.add((socket.inet_ntoa(packed), int(port_hex, 16)))
@@ -143,10 +151,27 @@ def parse_proc_net_tcp(text: str) -> set[tuple[str, int]]:
     return found
 
 
+def socket_inodes(pid: int, proc_dir: str = "/proc") -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    fd_dir = f"{proc_dir}/{pid}/fd"
+    found: set[int] = set()
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target.endswith("]"):
+            found.add(int(target[8:-1]))
+    return found
+
+
 def proc_listeners(pid: int, proc_dir: str = "/proc") -> set[tuple[str, int]]:
-    """The listening IPv4 TCP sockets of ``pid``'s network namespace (no setns needed)."""
+    """The listening IPv4 TCP sockets that process ``pid`` itself holds (read in its
+    network namespace's table, no setns needed; another program's listener there
+    does not count)."""
+    inodes = socket_inodes(pid, proc_dir)
     with open(f"{proc_dir}/{pid}/net/tcp") as f:
-        return parse_proc_net_tcp(f.read())
+        return parse_proc_net_tcp(f.read(), inodes)
 
 
 def describe_os_error(err: int | None, fallback: str = "") -> str:
@@ -298,7 +323,14 @@ def _port_checks(
         elif (SERVICE_ADDRESS, port) in listening or ("0.0.0.0", port) in listening:
             yield Finding(True, what, f"pid {inner_pid}", bridge, port)
         else:
-            yield Finding(False, what, "the inner proxy does not listen on it", bridge, port)
+            why = "the inner proxy does not listen on it"
+            try:
+                error = edges.listen_errors(bridge).get(port)
+            except Exception:
+                error = None
+            if error:
+                why += f" (cannot bind: {error}; it keeps retrying)"
+            yield Finding(False, what, why, bridge, port)
         what = f"destination {dest}"
         try:
             result = edges.connect(dest, timeout)
@@ -310,6 +342,16 @@ def _port_checks(
             yield Finding(True, what, f"connected in {ms}", bridge, port)
         else:
             yield Finding(False, what, result.error, bridge, port)
+
+
+def status_listen_errors(status: Mapping[str, Any], bridge: str) -> dict[int, str]:
+    """Port -> the bind error the status document reports for ``bridge`` (``listen_error``)."""
+    ports = ((status.get("bridges") or {}).get(bridge) or {}).get("ports") or {}
+    return {
+        int(port): str(entry["listen_error"])
+        for port, entry in ports.items()
+        if isinstance(entry, Mapping) and entry.get("listen_error")
+    }
 
 
 def diagnose(

@@ -49,8 +49,11 @@ log = Logger(namespace="tproxy.inner")
 
 #: How often a stopping inner proxy looks whether its streams are done.
 DRAIN_POLL = 0.05
-#: Seconds between attempts to bind a port that could not be bound.
+#: Seconds before the first new attempt to bind a port that could not be bound;
+#: the delay doubles after each failed attempt, up to :data:`REBIND_MAX`.
 REBIND_DELAY = 1.0
+#: The longest delay between two attempts to bind a port.
+REBIND_MAX = 60.0
 #: Listen backlog of the guests' ports (Twisted's default of 50 drops bursts of SYNs).
 BACKLOG = 1024
 
@@ -72,8 +75,12 @@ class InnerLinkLike(Protocol):
 class _Listener(Service):
     """The listening service of one service port: binds, logs, retries a failed bind.
 
-    (Like ``StreamServerEndpointService``, plus a retry every ``REBIND_DELAY``
-    seconds: a port may still be held for a moment by a stopping predecessor.)
+    (Like ``StreamServerEndpointService``, plus retries: a port may still be
+    held for a moment by a stopping predecessor, or for good by another
+    program.) A failed bind is tried again after ``REBIND_DELAY`` seconds, the
+    delay doubling up to ``REBIND_MAX``; it is logged at ERROR the first time,
+    then only when the delay grows or the reason changes - never every second.
+    Meanwhile :attr:`error` holds the reason, for the STATS report.
     """
 
     def __init__(
@@ -90,6 +97,11 @@ class _Listener(Service):
         self._factory = factory
         self._listening: IListeningPort | None = None
         self._retry: IDelayedCall | None = None
+        self._delay = REBIND_DELAY
+        self._failures = 0
+        self._logged: tuple[str, float] | None = None
+        self.error: str | None = None
+        """Why the last bind failed, while the port is not bound."""
 
     @property
     def bound(self) -> bool:
@@ -108,22 +120,61 @@ class _Listener(Service):
         if not self.running:
             return listening.stopListening()
         self._listening = listening
-        log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        if self._failures:
+            log.info(
+                "listening on {addr}:{port} (after {n} failed attempts)",
+                addr=SERVICE_ADDRESS,
+                port=self.service_port,
+                n=self._failures,
+            )
+        else:
+            log.info("listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
+        self.error = None
+        self._failures = 0
+        self._delay = REBIND_DELAY
+        self._logged = None
+        self._changed()
+        return None
+
+    def _changed(self) -> None:
         changed = getattr(self.parent, "listeners_changed", None)
         if changed is not None:
             changed()
-        return None
 
     def _failed(self, failure: Failure) -> None:
-        log.error(
-            "cannot listen on {addr}:{port}: {error}; trying again in {delay} s",
-            addr=SERVICE_ADDRESS,
-            port=self.service_port,
-            error=failure.getErrorMessage(),
-            delay=REBIND_DELAY,
-        )
-        if self.running:
-            self._retry = self._reactor.callLater(REBIND_DELAY, self._listen)
+        reason = _bind_error(failure)
+        first = self.error is None
+        self.error = reason
+        self._failures += 1
+        if not self.running:
+            return
+        delay = self._delay
+        if self._logged is None:
+            log.error(
+                "cannot listen on {addr}:{port}: {error}; retrying in {delay:g} s "
+                "(backing off to {most:g} s)",
+                addr=SERVICE_ADDRESS,
+                port=self.service_port,
+                error=reason,
+                delay=delay,
+                most=REBIND_MAX,
+            )
+            self._logged = (reason, delay)
+        elif reason != self._logged[0] or delay > self._logged[1]:
+            log.error(
+                "still cannot listen on {addr}:{port} ({n} attempts): {error}; "
+                "retrying in {delay:g} s",
+                addr=SERVICE_ADDRESS,
+                port=self.service_port,
+                n=self._failures,
+                error=reason,
+                delay=delay,
+            )
+            self._logged = (reason, delay)
+        self._retry = self._reactor.callLater(delay, self._listen)
+        self._delay = min(delay * 2, REBIND_MAX)
+        if first:
+            self._changed()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -135,6 +186,13 @@ class _Listener(Service):
             return None
         log.info("stopped listening on {addr}:{port}", addr=SERVICE_ADDRESS, port=self.service_port)
         return listening.stopListening()  # type: ignore[no-any-return]
+
+
+def _bind_error(failure: Failure) -> str:
+    """Why a bind failed, in words (``Address already in use``), without the address."""
+    err = getattr(failure.value, "socketError", None) or failure.value
+    text = getattr(err, "strerror", None) or str(err) or failure.getErrorMessage()
+    return str(text)
 
 
 class InnerService(MultiService):
@@ -175,11 +233,17 @@ class InnerService(MultiService):
     def listener_report(self) -> dict[str, object]:
         """This process and its listeners, for the link's STATS reports (docs/protocol.md)."""
         current = self.listeners()
-        return {
+        report: dict[str, object] = {
             "pid": os.getpid(),
             "listening": sorted(p for p, s in current.items() if s.bound),
             "not_listening": sorted(p for p, s in current.items() if not s.bound),
         }
+        errors = {
+            str(p): s.error for p, s in sorted(current.items()) if not s.bound and s.error
+        }
+        if errors:
+            report["listen_errors"] = errors
+        return report
 
     def listeners_changed(self) -> None:
         """A port was bound: report to the root now rather than at the next interval."""

@@ -377,9 +377,11 @@ def render_text(status: Mapping[str, Any]) -> str:
         ports: Mapping[str, Any] = info.get("ports") or {}
         for port in sorted(ports, key=int):
             p = ports[port]
+            error = p.get("listen_error")
             lines.append(
                 f"    port {port} -> {p.get('destination') or '(not in the map)'}: "
                 f"listener {p.get('listener') or 'unknown'}"
+                + (f" ({error}; retrying)" if error else "")
             )
             if not counting:
                 continue

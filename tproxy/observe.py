@@ -39,6 +39,15 @@ def _listener(report: Mapping[str, Any] | None, port: int) -> str:
     return "not listening"
 
 
+def _listen_error(report: Mapping[str, Any] | None, port: int) -> str | None:
+    """Why the inner proxy could not bind ``port`` (its last report), if it said."""
+    errors = (report or {}).get("listen_errors")
+    if not isinstance(errors, Mapping):
+        return None
+    error = errors.get(str(port))
+    return str(error) if error is not None else None
+
+
 def bridge_status(
     sup: SupervisorView, stats: BridgeStats | None, now: float, counting: bool = True
 ) -> dict[str, Any]:
@@ -62,6 +71,9 @@ def bridge_status(
         dest = sup.services.get(port)
         entry["destination"] = str(dest) if dest is not None else None
         entry["listener"] = _listener(report, port) if running else "not running"
+        error = _listen_error(report, port) if running else None
+        if error is not None and entry["listener"] == "not listening":
+            entry["listen_error"] = error
         ports[str(port)] = entry
     inner: dict[str, Any] = {
         "pid": process.pid if running else None,

@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 from typing import Any
 
 from twisted.trial import unittest
@@ -24,6 +26,22 @@ from tests.integration.topology import (
 )
 
 LOCAL = "127.0.0.1"
+#: A program that holds a port on 169.254.16.9 (at most 5 minutes).
+SQUATTER = (
+    "import socket, time\n"
+    "s = socket.socket()\n"
+    "s.bind(('169.254.16.9', {port}))\n"
+    "s.listen()\n"
+    "print('listening', flush=True)\n"
+    "time.sleep(300)\n"
+)
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a process we started, by PID, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
 OK = "\u2713"
 FAIL = "\u2717"
 
@@ -56,6 +74,12 @@ class ObserveTestCase(unittest.TestCase):
     def port_status(self, br: str, port: int) -> dict[str, Any]:
         result: dict[str, Any] = self.status_json()["bridges"][br]["ports"][str(port)]
         return result
+
+    def check(self, *args: str) -> tuple[int, list[str], list[str]]:
+        """``one-tproxy check ARGS``: exit status, every line, the failed lines."""
+        done = self.host.tproxy("check", "--timeout", "2", *args)
+        lines = done.stdout.splitlines()
+        return done.returncode, lines, [x for x in lines if FAIL in x]
 
     def wait_listening(self, br: str, port: int) -> None:
         wait_until(
@@ -191,6 +215,54 @@ class StatusTests(ObserveTestCase):
         self.assertIn(f'one_tproxy_listener_up{{bridge="{br}",port="5030"}} 1', prom.stdout)
         self.assertNotIn("one_tproxy_streams_accepted_total", prom.stdout)
 
+    def test_port_in_use(self) -> None:
+        """A port held by another program: status and check give the reason, the log says it
+        once per backoff step, and the port is bound once it is free."""
+        sink_port = 7104
+        self.host.serve_sink(sink_port)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, sink_port)})
+        # Another program holds 169.254.16.9:5030 in the bridge's namespace (where lo is
+        # down, so it is not connected to: it says when it listens).
+        squatter = self.host.inner(br).spawn(
+            [sys.executable, "-c", SQUATTER.format(port=5030)], stdout=subprocess.PIPE
+        )
+        self.addCleanup(_end, squatter)
+        assert squatter.stdout is not None
+        self.assertEqual(squatter.stdout.readline(), b"listening\n")
+        self.start()
+
+        def reported() -> dict[str, Any] | None:
+            p = self.port_status(br, 5030)
+            return p if p.get("listen_error") else None
+
+        p = wait_until(reported, timeout=15, interval=0.2, message="the bind error reported")
+        self.assertEqual(p["listener"], "not listening")
+        self.assertEqual(p["listen_error"], "Address already in use")
+        code, _, failed = self.check(br)
+        self.assertEqual(code, 1)
+        self.assertIn(
+            f"{br} port 5030: {FAIL} listening on 169.254.16.9:5030: the inner proxy does not "
+            "listen on it (cannot bind: Address already in use; it keeps retrying)",
+            failed,
+        )
+        verbose = self.host.tproxy("status", "--verbose")
+        self.assertIn("listener not listening (Address already in use; retrying)", verbose.stdout)
+        log_path = os.path.join(self.host.log_dir, f"one_tproxy_{br}.log")
+        wait_until(
+            lambda: "retrying in 4 s" in open(log_path).read(),
+            timeout=15,
+            interval=0.2,
+            message="the third failed attempt logged",
+        )
+        with open(log_path) as f:
+            lines = [line for line in f if "cannot listen on 169.254.16.9:5030" in line]
+        self.assertEqual(len(lines), 3, lines)  # attempts at 0, 1 and 3 s: one line each step
+        _end(squatter)
+        self.wait_listening(br, 5030)
+        self.assertNotIn("listen_error", self.port_status(br, 5030))
+        done = guest.upload(5030, 1000)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+
     def test_not_running(self) -> None:
         """Without a root proxy, status --json exits 3 and --prometheus says one_tproxy_up 0."""
         done = self.host.tproxy("status", "--json")
@@ -203,11 +275,6 @@ class StatusTests(ObserveTestCase):
 
 class CheckTests(ObserveTestCase):
     """``check`` passes on a healthy bridge and names the cause of each broken variant."""
-
-    def check(self, *args: str) -> tuple[int, list[str], list[str]]:
-        done = self.host.tproxy("check", "--timeout", "2", *args)
-        lines = done.stdout.splitlines()
-        return done.returncode, lines, [x for x in lines if FAIL in x]
 
     def test_healthy_and_broken_variants(self) -> None:
         """Healthy: exit 0; backend stopped, listener missing, veth down, map pointing nowhere."""

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import attrs
 
 from tproxy.settings import Paths
 
@@ -26,15 +29,34 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     )
 
 
-def real_edges() -> Any:
-    """The edges of this host: pyroute2, libnftables, /proc and TCP."""
+def listen_errors_from(paths: Paths, timeout: float = 2.0) -> Callable[[str], Mapping[int, str]]:
+    """Bridge -> port -> bind error, from the root's status document (asked once, lazily)."""
+    from tproxy import control, diagnose
+
+    docs: list[Mapping[str, Any]] = []
+
+    def errors(bridge: str) -> Mapping[int, str]:
+        if not docs:
+            try:
+                docs.append(
+                    control.query(control.socket_path(paths.run_dir), {"cmd": "stats"}, timeout)
+                )
+            except control.ControlError:
+                docs.append({})
+        return diagnose.status_listen_errors(docs[0], bridge)
+
+    return errors
+
+
+def real_edges(paths: Paths | None = None) -> Any:
+    """The edges of this host: pyroute2, libnftables, /proc, TCP (and the control channel)."""
     from tproxy import diagnose
     from tproxy.netlink import Netlink
     from tproxy.nft import Nftables
     from tproxy.procs import ProcFinder
 
     finder = ProcFinder()
-    return diagnose.Edges(
+    edges = diagnose.Edges(
         net=Netlink(),
         nft=Nftables(),
         root_pid=lambda: finder.find().root,
@@ -42,6 +64,9 @@ def real_edges() -> Any:
         listeners=diagnose.proc_listeners,
         connect=diagnose.tcp_connect,
     )
+    if paths is not None:
+        edges = attrs.evolve(edges, listen_errors=listen_errors_from(paths))
+    return edges
 
 
 def run(name: str, args: argparse.Namespace, paths: Paths) -> int:
@@ -55,7 +80,7 @@ def run(name: str, args: argparse.Namespace, paths: Paths) -> int:
         except InvalidBridgeNameError as e:
             print(f"one-tproxy check: {e}", file=sys.stderr)
             return 1
-    edges = real_edges()
+    edges = real_edges(paths)
     try:
         ok = diagnose.report(
             diagnose.diagnose(edges, args.bridge, args.timeout),
