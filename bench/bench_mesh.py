@@ -999,6 +999,10 @@ def cost_table(results: dict[str, dict[str, list[float]]]) -> str:
         if a and b and len(a) > 1:
             cells[1] += " (" + ", ".join(fmt.format(v) for v in a) + ")"
             cells[2] += " (" + ", ".join(fmt.format(v) for v in b) + ")"
+            pairs = [_cost([x], [y], better) for x, y in zip(a, b, strict=False)]
+            known = [v for v in pairs if v is not None]
+            if known:  # each repetition's pair alone: how far noise moves the figure
+                cells[3] += f" (pairs {min(known):+.1f} .. {max(known):+.1f} %)"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

@@ -133,7 +133,7 @@ class CountingCostTests(unittest.TestCase):
         """A row per figure with each repetition; target lines per basis, holds or MISSED."""
         text = bm.cost_table(self.results)
         self.assertIn("| (b) Connection: close, req/s | 1000 (1000, 1100, 900) | "
-                      "1010 (1010, 1000, 1030) | +1.0 % |", text)
+                      "1010 (1010, 1000, 1030) | +1.0 % (pairs -9.1 .. +14.4 %) |", text)
         self.assertIn("| (c) proxies' CPU per request, µs | 60.0 | 50.0 | +20.0 % |", text)
         out = bm.targets(self.results, {})
         self.assertIn("- counting cost (b) +1.0 %, (c) +5.0 % from req/s (target < 3 %) - MISSED",
