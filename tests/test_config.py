@@ -490,7 +490,8 @@ class LimitsTests(unittest.TestCase):
     """The optional limit keys."""
 
     def test_defaults(self) -> None:
-        """Without the keys: 10000 per bridge, 1000 per guest, 5 s, no idle timeout, 10 s."""
+        """Without the keys: 10000 per bridge, 1000 per guest, 5 s, no idle timeout, 10 s,
+        a 1 MiB stream window."""
         self.assertEqual(
             parse("{}\n").limits,
             Limits(
@@ -499,6 +500,7 @@ class LimitsTests(unittest.TestCase):
                 connect_timeout=5.0,
                 idle_timeout=None,
                 grace_period=10.0,
+                stream_window=1048576,
             ),
         )
 
@@ -511,9 +513,16 @@ class LimitsTests(unittest.TestCase):
             :tproxy_connect_timeout: 2.5
             :tproxy_idle_timeout: 600
             :tproxy_grace_period: 0
+            :tproxy_stream_window: 256
             """
         )
-        self.assertEqual(cfg.limits, Limits(500, 20, 2.5, 600.0, 0.0))
+        self.assertEqual(cfg.limits, Limits(500, 20, 2.5, 600.0, 0.0, 262144))
+
+    def test_stream_window_bounds(self) -> None:
+        """The window is whole KiB from 16 to 65536, also as a string."""
+        for kib in ("16", "'4096'", "65536"):
+            window = parse(f":tproxy_stream_window: {kib}\n").limits.stream_window
+            self.assertEqual(window, int(kib.strip("'")) * 1024)
 
     def test_idle_off(self) -> None:
         """0, off (YAML false) and null switch the idle timeout off."""
@@ -528,6 +537,7 @@ class LimitsTests(unittest.TestCase):
             ":tproxy_connect_timeout": ["0", "-1", ".nan", ".inf", "soon", "true"],
             ":tproxy_idle_timeout": ["-1", "true", "later", ".inf"],
             ":tproxy_grace_period": ["-1", "x", "on"],
+            ":tproxy_stream_window": ["15", "65537", "0", "1.5", "1m", "true", "~"],
         }
         seen = Captured(self, "tproxy.config")
         for key, values in bad.items():
@@ -656,6 +666,7 @@ _KEYS = [
     ":tproxy_connect_timeout",
     ":tproxy_idle_timeout",
     ":tproxy_grace_period",
+    ":tproxy_stream_window",
     ":service_port",
     ":remote_addr",
     ":remote_port",

@@ -53,7 +53,8 @@ class TapTests(unittest.TestCase):
         self.assertIsInstance(service.launcher, SpawnLauncher)
 
     def test_counters_off(self) -> None:
-        """ONE_TPROXY_COUNTERS=off at start: links that count nothing, a document saying so."""
+        """ONE_TPROXY_COUNTERS=off at start: links that count nothing, a document saying so;
+        every new link takes the stream window of the limits in force."""
         from tproxy.config import Limits
 
         options = tap.Options()
@@ -61,15 +62,21 @@ class TapTests(unittest.TestCase):
         self.patch(os, "environ", {**os.environ, "ONE_TPROXY_COUNTERS": "off"})
         service = tap.makeService(options)
         assert isinstance(service, tap.RootDaemon)
-        link = service._make_link("br0", lambda port: None, Limits())
+        link = service._make_link("br0", lambda port: None, Limits(stream_window=65536))
         self.assertFalse(link.counting)
+        self.assertEqual(link.conn.initial_window, 65536)
         self.assertEqual(service.stats, {})
         self.assertIs(service._status(None)["counting"], False)
         without = {k: v for k, v in os.environ.items() if k != "ONE_TPROXY_COUNTERS"}
         self.patch(os, "environ", without)
         counted = tap.makeService(options)
         assert isinstance(counted, tap.RootDaemon)
-        self.assertTrue(counted._make_link("br0", lambda port: None, Limits()).counting)
+        link = counted._make_link("br0", lambda port: None, Limits(stream_window=32768))
+        self.assertTrue(link.counting)
+        self.assertEqual(link.conn.initial_window, 32768)
+        self.assertEqual(
+            counted._make_link("br0", lambda port: None, Limits()).conn.initial_window, 1048576
+        )
         self.assertIs(counted._status(None)["counting"], True)
 
     def test_plugin_found(self) -> None:

@@ -42,6 +42,10 @@ KEY_MAX_CONNECTIONS_PER_GUEST = ":tproxy_max_connections_per_guest"
 KEY_CONNECT_TIMEOUT = ":tproxy_connect_timeout"
 KEY_IDLE_TIMEOUT = ":tproxy_idle_timeout"
 KEY_GRACE_PERIOD = ":tproxy_grace_period"
+KEY_STREAM_WINDOW = ":tproxy_stream_window"
+
+#: Bounds of ``:tproxy_stream_window:``, in KiB (16 KiB .. 64 MiB).
+STREAM_WINDOW_KIB = (16, 65536)
 
 #: Keys of one ``:tproxy:`` entry.
 KEY_SERVICE_PORT = ":service_port"
@@ -112,6 +116,9 @@ class Limits:
     """``:tproxy_idle_timeout:`` - seconds without data before a stream is closed; None = off."""
     grace_period: float = 10.0
     """``:tproxy_grace_period:`` - seconds a stop waits for open streams before closing them."""
+    stream_window: int = 1048576
+    """``:tproxy_stream_window:`` (KiB in the file) - each proxy's initial receive window
+    per stream, in bytes: what one stream may have in flight towards a proxy (new links)."""
 
 
 @frozen
@@ -472,6 +479,13 @@ def _parse_limits(document: Mapping[str, Any], path: str) -> Limits:
         number = _number(value)
         return number if number is not None and number >= 0 else _INVALID
 
+    def window_kib(value: object) -> Any:
+        number = _number(value)
+        low, high = STREAM_WINDOW_KIB
+        if number is None or number != int(number) or not low <= number <= high:
+            return _INVALID
+        return int(number)
+
     def idle(value: object) -> Any:
         if value is None or value is False:
             return None
@@ -511,6 +525,13 @@ def _parse_limits(document: Mapping[str, Any], path: str) -> Limits:
             non_negative,
             "a number of seconds >= 0",
         ),
+        stream_window=setting(
+            KEY_STREAM_WINDOW,
+            defaults.stream_window // 1024,
+            window_kib,
+            f"a whole number of KiB from {STREAM_WINDOW_KIB[0]} to {STREAM_WINDOW_KIB[1]}",
+        )
+        * 1024,
     )
 
 

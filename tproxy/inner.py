@@ -460,6 +460,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
         bridge=bridge,
         stats_source=service.listener_report,
         counting=counting_enabled(),
+        initial_window=daemon.limits().stream_window,
     )
     if not link.counting:
         log.warn(COUNTERS_OFF_MESSAGE)
@@ -474,7 +475,12 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     runtime.MemoryReclaimer(reactor).start()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
-    log.info("inner proxy {title} started (pid {pid})", title=title, pid=os.getpid())
+    log.info(
+        "inner proxy {title} started (pid {pid}, stream window {kib} KiB)",
+        title=title,
+        pid=os.getpid(),
+        kib=link.conn.initial_window // 1024,
+    )
     reactor.run()
     log.info("inner proxy {title} exits", title=title)
     return 0

@@ -118,11 +118,19 @@ class RootDaemon(MultiService):
 
     def _make_link(self, bridge: str, lookup: Any, limits: Any) -> Any:
         from tproxy.link import RootLink
+        from tproxy.protocol.frames import DEFAULT_WINDOW
 
+        # The window is the root's receive window per stream on this new link
+        # (:tproxy_stream_window:); links already up keep theirs.
+        window = getattr(limits, "stream_window", None) or DEFAULT_WINDOW
         if not self.counting:
-            return RootLink(self._reactor, bridge, lookup, limits, counting=False)
+            return RootLink(
+                self._reactor, bridge, lookup, limits, counting=False, initial_window=window
+            )
         metrics = self.stats.setdefault(bridge, BridgeStats())
-        return RootLink(self._reactor, bridge, lookup, limits, metrics=metrics)
+        return RootLink(
+            self._reactor, bridge, lookup, limits, metrics=metrics, initial_window=window
+        )
 
     def _exit(self) -> None:
         def stop() -> None:

@@ -273,6 +273,23 @@ class StatusTests(ObserveTestCase):
         self.assertIn("one_tproxy_up 0", prom.stdout.splitlines())
 
 
+class WindowTests(ObserveTestCase):
+    """``:tproxy_stream_window:`` reaches the inner proxy's preface; traffic flows with it."""
+
+    def test_small_window(self) -> None:
+        """With a 16 KiB window the inner proxy says so at start and 1 MB still crosses."""
+        sink_port = 7105
+        self.host.serve_sink(sink_port)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, sink_port)})
+        self.host.write_config(config_yaml([], debug_level=2, stream_window=16))
+        self.host.tproxy("start", check=True)
+        self.wait_listening(br, 5030)
+        done = guest.upload(5030, 1_000_000)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        with open(os.path.join(self.host.log_dir, f"one_tproxy_{br}.log")) as f:
+            self.assertIn("stream window 16 KiB", f.read())
+
+
 class CheckTests(ObserveTestCase):
     """``check`` passes on a healthy bridge and names the cause of each broken variant."""
 
