@@ -13,6 +13,7 @@ from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from tests.logcapture import Captured
+from tproxy.config import Limits
 from tproxy.inner import InnerService, _Hangups, parse_args
 
 
@@ -71,6 +72,7 @@ class FakeInnerLink:
     streams: int = 0
     factories: dict[int, Factory] = field(factory=dict)
     transport: object = None
+    limits: object = None
 
     def guest_factory(self, service_port: int) -> IProtocolFactory:
         f = Factory()
@@ -191,6 +193,21 @@ class InnerPortsTests(unittest.TestCase):
         self.assertIn("permission denied; retrying in 60 s", errors[0])
         report = h.service.listener_report()
         self.assertEqual(report["listen_errors"], {"1234": "permission denied"})
+
+    def test_apply_limits(self) -> None:
+        """A reload's limits reach the link; the changed ones are logged, unchanged is quiet."""
+        log = Captured(self, "tproxy.inner")
+        h = Harness()
+        h.link.limits = Limits()
+        h.service.apply_limits(Limits())
+        self.assertEqual(log.messages(LogLevel.info), [])
+        new = Limits(grace_period=1.0, stream_window=65536)
+        h.service.apply_limits(new)
+        self.assertIs(h.link.limits, new)
+        self.assertEqual(
+            log.messages(LogLevel.info),
+            ["limits changed: grace_period 10.0 -> 1.0, stream_window 1048576 -> 65536"],
+        )
 
     def test_retry_stops_with_port(self) -> None:
         """A port dropped while its bind is being retried is not bound later."""

@@ -226,6 +226,25 @@ class InnerService(MultiService):
             log.info("link to the root proxy closed: exiting")
         self._on_done()
 
+    def apply_limits(self, limits: Any) -> None:
+        """A reload's limits: the link holds them from now on; what changed is logged.
+
+        (The grace period is read when a stop begins; the stream window is
+        the link's preface, so a new one takes effect with the next link,
+        i.e. when this proxy is restarted.)
+        """
+        link = self.link
+        old = getattr(link, "limits", None)
+        if link is not None and hasattr(link, "limits"):
+            link.limits = limits
+        if old is None or old == limits:
+            return
+        import attrs
+
+        before, after = attrs.asdict(old), attrs.asdict(limits)
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in after.items() if before.get(k) != v]
+        log.info("limits changed: {changes}", changes=", ".join(changed))
+
     def listeners(self) -> dict[int, _Listener]:
         """Service port -> its listening service."""
         return {s.service_port: s for s in self if isinstance(s, _Listener)}
@@ -471,7 +490,11 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     os.close(LINK_FD)
     service.attach(link)
 
-    hup.attach(reactor, daemon.reload)
+    def reload() -> None:
+        daemon.reload()
+        service.apply_limits(daemon.limits())
+
+    hup.attach(reactor, reload)
     runtime.MemoryReclaimer(reactor).start()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)

@@ -273,8 +273,8 @@ class StatusTests(ObserveTestCase):
         self.assertIn("one_tproxy_up 0", prom.stdout.splitlines())
 
 
-class WindowTests(ObserveTestCase):
-    """``:tproxy_stream_window:`` reaches the inner proxy's preface; traffic flows with it."""
+class LimitsTests(ObserveTestCase):
+    """Limits in the inner proxy: the stream window at start, new limits on reload."""
 
     def test_small_window(self) -> None:
         """With a 16 KiB window the inner proxy says so at start and 1 MB still crosses."""
@@ -288,6 +288,23 @@ class WindowTests(ObserveTestCase):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         with open(os.path.join(self.host.log_dir, f"one_tproxy_{br}.log")) as f:
             self.assertIn("stream window 16 KiB", f.read())
+
+    def test_reload_reaches_inner(self) -> None:
+        """After a reload the inner proxy holds (and logs) the file's new limits."""
+        br, _ = self.bridge_with_guest({5030: (LOCAL, 7106)})
+        self.host.write_config(config_yaml([], debug_level=2))
+        self.host.tproxy("start", check=True)
+        self.wait_listening(br, 5030)
+        self.host.write_config(config_yaml([], debug_level=2, grace_period=1, stream_window=64))
+        self.host.tproxy("reload", check=True)
+        log_path = os.path.join(self.host.log_dir, f"one_tproxy_{br}.log")
+        wait_until(
+            lambda: "limits changed: grace_period 10.0 -> 1.0, stream_window 1048576 -> 65536"
+            in open(log_path).read(),
+            timeout=15,
+            interval=0.2,
+            message="the inner proxy's new limits",
+        )
 
 
 class CheckTests(ObserveTestCase):
