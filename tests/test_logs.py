@@ -201,6 +201,27 @@ class DaemonLogTests(unittest.TestCase):
         self.assertIn("[tproxy.test]", self.lines()[0])
         self.assertEqual(self.complaints.getvalue(), "")
 
+    def test_twisted_port_chatter_left_out(self) -> None:
+        """Twisted's "X starting on N" / "(TCP Port N Closed)" lines stay out of the file."""
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+        from twisted.logger import globalLogPublisher
+        from twisted.python import log as legacy_log
+
+        d = self.make()
+        d.install(globalLogPublisher)
+        self.addCleanup(d.uninstall, globalLogPublisher)
+        factory = Factory()
+        factory.noisy = False  # its "Starting factory" lines are another matter
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        legacy_log.msg("an ordinary legacy line")
+        stopped = port.stopListening()
+
+        def check(_: object) -> None:
+            self.assertEqual(self.messages(), [("INFO", "an ordinary legacy line")])
+
+        return stopped.addCallback(check)
+
     def test_appends(self) -> None:
         """An existing file is appended to, not truncated."""
         with open(os.path.join(self.dir, "one_tproxy_tqc0.log"), "w") as f:

@@ -40,6 +40,7 @@ How the daemons use it (see also docs/configuration.md):
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,26 @@ _LEVEL_NAME = {
 def _at_least(event: LogEvent, level: LogLevel) -> bool:
     event_level = event.get("log_level")
     return event_level is not None and _RANK.get(event_level, 0) >= _RANK[level]
+
+
+# Twisted's ports announce themselves with legacy ``log.msg`` lines at INFO
+# ("_GuestFactory starting on 5030", "(TCP Port 5030 Closed)"); our services log
+# the same facts in words an administrator can use ("listening on
+# 169.254.16.9:5030"), so those two forms are left out of the daemons' files.
+_PORT_CHATTER = re.compile(r"\S+ starting on \S+|\(\w+ Port \S+ Closed\)")
+
+
+def _port_chatter(event: LogEvent) -> bool:
+    """Is ``event`` one of Twisted's own "starting on"/"Port N Closed" lines?"""
+    message = event.get("message")
+    return (
+        event.get("log_namespace") == "log_legacy"
+        and not event.get("isError")
+        and isinstance(message, tuple)
+        and len(message) == 1
+        and isinstance(message[0], str)
+        and _PORT_CHATTER.fullmatch(message[0]) is not None
+    )
 
 
 def _one_line(text: str) -> str:
@@ -245,6 +266,8 @@ class DaemonLog:
 
     def __call__(self, event: LogEvent) -> None:
         if self._busy or self._closed or not _at_least(event, self._level):
+            return
+        if _port_chatter(event):
             return
         self._busy = True
         try:
