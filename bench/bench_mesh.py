@@ -959,15 +959,26 @@ COST_ROWS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def _cost(counted: list[float] | None, uncounted: list[float] | None,
-          better: str) -> float | None:
-    """What counting costs in %, from the medians (positive: the counted mesh is worse)."""
-    if not counted or not uncounted:
-        return None
-    c, u = statistics.median(counted), statistics.median(uncounted)
+def _ratio_cost(c: float, u: float, better: str) -> float | None:
+    """Counting's cost in % from one counted and one uncounted figure (positive: worse)."""
     if not c or not u:
         return None
     return 100 * (u / c - 1) if better == "hi" else 100 * (c / u - 1)
+
+
+def _cost(counted: list[float] | None, uncounted: list[float] | None,
+          better: str) -> float | None:
+    """What counting costs in %: the median of the repetitions' pairs (each pair ran
+    back to back, so drift in the machine's load cancels), or the medians' ratio when
+    the runs do not pair up."""
+    if not counted or not uncounted:
+        return None
+    if len(counted) == len(uncounted):
+        pairs = [v for v in (_ratio_cost(c, u, better) for c, u in zip(counted, uncounted,
+                                                                          strict=True))
+                 if v is not None]
+        return statistics.median(pairs) if pairs else None
+    return _ratio_cost(statistics.median(counted), statistics.median(uncounted), better)
 
 
 def counting_cost(results: dict[str, dict[str, list[float]]]) -> dict[tuple[str, str], float]:
@@ -985,7 +996,7 @@ def counting_cost(results: dict[str, dict[str, list[float]]]) -> dict[tuple[str,
 def cost_table(results: dict[str, dict[str, list[float]]]) -> str:
     """The second table: the mesh with and without its counters, and what counting costs."""
     counted, uncounted = results.get("one-tproxy", {}), results.get("one-tproxy-uncounted", {})
-    lines = ["| workload | one-tproxy | one-tproxy-uncounted | counting cost |",
+    lines = ["| workload | one-tproxy | one-tproxy-uncounted | counting cost (median of pairs) |",
              "|---|---|---|---|"]
     for key, label, fmt, better in COST_ROWS:
         a, b = counted.get(key), uncounted.get(key)
@@ -999,7 +1010,7 @@ def cost_table(results: dict[str, dict[str, list[float]]]) -> str:
         if a and b and len(a) > 1:
             cells[1] += " (" + ", ".join(fmt.format(v) for v in a) + ")"
             cells[2] += " (" + ", ".join(fmt.format(v) for v in b) + ")"
-            pairs = [_cost([x], [y], better) for x, y in zip(a, b, strict=False)]
+            pairs = [_ratio_cost(x, y, better) for x, y in zip(a, b, strict=False)]
             known = [v for v in pairs if v is not None]
             if known:  # each repetition's pair alone: how far noise moves the figure
                 cells[3] += f" (pairs {min(known):+.1f} .. {max(known):+.1f} %)"
