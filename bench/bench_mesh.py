@@ -1090,6 +1090,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(c in settings.workloads for c in "abcdefg"):
             for rep in range(settings.reps):
                 for name in run_order(settings.paths, rep):
+                    if name == "one-tproxy-uncounted" and not any(
+                            c in settings.workloads for c in UNCOUNTED_WORKLOADS):
+                        continue  # nothing to measure on it
                     path = paths[name]
                     log(f"rep {rep + 1}/{settings.reps}: {name}")
                     try:
