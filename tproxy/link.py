@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tproxy import logs
 from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
@@ -310,7 +311,10 @@ class _StreamProtocol(Protocol):
 
     def _maybe_finish(self) -> None:
         if self._read_eof and self._write_done and self.transport is not None:
-            # Our producer was unregistered by close_write(), so this really closes.
+            # Both FINs are through: no shutdown(SHUT_RDWR) before close() (it
+            # could only fail with ENOTCONN). Our producer was unregistered by
+            # close_write(), so this really closes, at once.
+            self.transport._shouldShutdown = False  # type: ignore[union-attr,attr-defined]
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -337,8 +341,17 @@ class _StreamProtocol(Protocol):
             return
         self._write_closing = True
         self._withheld = 0
-        self.transport.unregisterProducer()  # type: ignore[attr-defined]
-        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        t: Any = self.transport
+        t.unregisterProducer()
+        if self._sock is not None and _idle(t):
+            # Nothing queued: shut down now. loseWriteConnection() would wait for
+            # a writable event (two epoll_ctl, a zero-byte send, a reactor turn)
+            # to do the same: doWrite's end-of-buffer path, word for word.
+            t._writeDisconnecting = True
+            t._writeDisconnected = True
+            t._closeWriteConnection()
+        else:
+            t.loseWriteConnection()
 
     def abort(self) -> None:
         """Reset the TCP connection (RST) or cancel the connect attempt."""
@@ -479,12 +492,13 @@ class LinkProtocol(Protocol):
             if s is not None:
                 if s.stats is not None:
                     s.stats.reset(event.reason.name)
-                self._log.debug(
-                    "{link}: stream {sid} reset by peer ({reason})",
-                    link=self.name,
-                    sid=event.stream_id,
-                    reason=event.reason.name,
-                )
+                if logs.debug_enabled:
+                    self._log.debug(
+                        "{link}: stream {sid} reset by peer ({reason})",
+                        link=self.name,
+                        sid=event.stream_id,
+                        reason=event.reason.name,
+                    )
                 s.abort()
                 if s.transport is None:
                     self._forget(s)
@@ -539,17 +553,18 @@ class LinkProtocol(Protocol):
                 if s.stats is not None:
                     s.stats.reset(Reason.ABORTED.name)
                 self.flush()
-        self._log.debug(
-            "{link}: stream {sid} closed (guest {guest}, service port {port}{dest}): "
-            "{sent} bytes to the link, {received} bytes from it",
-            link=self.name,
-            sid=s.stream_id,
-            guest=s.guest,
-            port=s.service_port,
-            dest=f", destination {s.destination}" if s.destination is not None else "",
-            sent=s.sent,
-            received=s.received,
-        )
+        if logs.debug_enabled:
+            self._log.debug(
+                "{link}: stream {sid} closed (guest {guest}, service port {port}{dest}): "
+                "{sent} bytes to the link, {received} bytes from it",
+                link=self.name,
+                sid=s.stream_id,
+                guest=s.guest,
+                port=s.service_port,
+                dest=f", destination {s.destination}" if s.destination is not None else "",
+                sent=s.sent,
+                received=s.received,
+            )
         self._forget(s)
         self._maybe_close()
 
@@ -932,14 +947,15 @@ class RootLink(LinkProtocol):
             self.counters.accepted += 1
             stats.accepted += 1
             stats.latency.record(self.reactor.seconds() - s.opened_at)
-        self._log.debug(
-            "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
-            link=self.name,
-            sid=s.stream_id,
-            guest=s.guest,
-            dest=str(s.destination),
-            port=s.service_port,
-        )
+        if logs.debug_enabled:
+            self._log.debug(
+                "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
+                link=self.name,
+                sid=s.stream_id,
+                guest=s.guest,
+                dest=str(s.destination),
+                port=s.service_port,
+            )
         s._apply_pause()
         self.flush()
 
@@ -1098,13 +1114,14 @@ class InnerLink(LinkProtocol):
             if s is not None:
                 if self.counting:
                     self.counters.accepted += 1
-                self._log.debug(
-                    "{link}: stream {sid} open: guest {guest} (service port {port})",
-                    link=self.name,
-                    sid=event.stream_id,
-                    guest=s.guest,
-                    port=s.service_port,
-                )
+                if logs.debug_enabled:
+                    self._log.debug(
+                        "{link}: stream {sid} open: guest {guest} (service port {port})",
+                        link=self.name,
+                        sid=event.stream_id,
+                        guest=s.guest,
+                        port=s.service_port,
+                    )
                 s.clear_pause(_PAUSE_OPENING)
         elif isinstance(event, ev.StreamRefused):
             if self.counting:
