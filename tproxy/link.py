@@ -41,12 +41,14 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs
+from tproxy.link_connect import connect_tcp
 from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
@@ -216,7 +218,7 @@ class _StreamProtocol(Protocol):
         self.guest = ""
         self.guest_ip: str | None = None
         self.destination: Destination | None = None
-        self.connecting: Deferred[Any] | None = None
+        self.connecting: Any = None  # the connect attempt (``cancel()``), root only
         self._pause = 0
         self._reading = True
         self._read_eof = False
@@ -676,8 +678,9 @@ class RootLink(LinkProtocol):
 
     Each OPEN is looked up with ``lookup(service_port)`` (the bridge's current
     map, so a reload takes effect for new streams); the destination is connected
-    through ``endpoint_for(destination)`` (by default a ``TCP4ClientEndpoint``
-    with the limits' connect timeout).
+    through ``endpoint_for(destination)`` when one is given (tests), else with
+    the limits' connect timeout by ``tproxy.link_connect`` on a real reactor
+    (no endpoint layers per connection) or a ``TCP4ClientEndpoint`` on others.
     """
 
     role = Role.ROOT
@@ -713,6 +716,8 @@ class RootLink(LinkProtocol):
         self.inner_report_at: float | None = None
         """``reactor.seconds()`` when that report arrived."""
         self._endpoint_for = endpoint_for or self._tcp_endpoint
+        #: Connect with ``link_connect`` (a real reactor, no endpoint given).
+        self._lean_connect = endpoint_for is None and isinstance(reactor, PosixReactorBase)
         self._per_guest: dict[str, int] = {}
         self._idle_call: IDelayedCall | None = None
         #: Reading from the UNIX socket is paused because the inner does not read.
@@ -867,21 +872,23 @@ class RootLink(LinkProtocol):
             self.counters.opened += 1
             stats = self.metrics.ports.get(port) or self.metrics.port(port)
             stats.requested += 1
-        where = f"service port {port} from guest {guest}:{event.guest_port}"
         try:
             dest = self.lookup(port)
         except Exception:
+            where = _where(port, f"{guest}:{event.guest_port}")
             self._log.failure(
                 "{link}: looking up service port {port} failed", link=self.name, port=port
             )
             self._refuse(sid, Reason.INTERNAL_ERROR, f"{where}: the lookup failed", port)
             return
         if dest is None:
+            where = _where(port, f"{guest}:{event.guest_port}")
             self._refuse(
                 sid, Reason.UNKNOWN_SERVICE, f"{where}: no such service on this bridge", port
             )
             return
         if len(self._streams) >= self.limits.max_streams_per_bridge:
+            where = _where(port, f"{guest}:{event.guest_port}")
             self._refuse(
                 sid,
                 Reason.TOO_MANY_STREAMS,
@@ -890,6 +897,7 @@ class RootLink(LinkProtocol):
             )
             return
         if self._per_guest.get(guest, 0) >= self.limits.max_streams_per_guest:
+            where = _where(port, f"{guest}:{event.guest_port}")
             self._refuse(
                 sid,
                 Reason.TOO_MANY_STREAMS,
@@ -910,12 +918,23 @@ class RootLink(LinkProtocol):
         s.guest_ip = guest
         if self._link_paused:
             s._pause |= _PAUSE_LINK
+        if self._lean_connect:
+            s.connecting = connect_tcp(
+                self.reactor,
+                dest.addr,
+                dest.port,
+                s,
+                self.limits.connect_timeout,
+                self._connect_failed,
+                s,
+            )
+            return
         try:
             d = self._endpoint_for(dest).connect(_QuietOneShot(s))
         except Exception:
             d = fail()
         s.connecting = d
-        d.addErrback(self._connect_failed, s, where)
+        d.addErrback(self._connect_failed, s)
 
     def _forget(self, s: _StreamProtocol) -> None:
         if self._streams.get(s.stream_id) is s:
@@ -959,7 +978,7 @@ class RootLink(LinkProtocol):
         s._apply_pause()
         self.flush()
 
-    def _connect_failed(self, failure: Failure, s: _StreamProtocol, where: str) -> None:
+    def _connect_failed(self, failure: Failure, s: _StreamProtocol) -> None:
         s.connecting = None
         if failure.check(CancelledError, ierror.ConnectingCancelledError):
             self._forget(s)
@@ -975,12 +994,18 @@ class RootLink(LinkProtocol):
             self._refuse(
                 s.stream_id,
                 reason,
-                f"{where}: connecting to {s.destination} failed: {failure.getErrorMessage()}",
+                f"{_where(s.service_port, s.guest)}: connecting to {s.destination} failed: "
+                f"{failure.getErrorMessage()}",
                 s.service_port,
             )
             self.flush()
             self._maybe_close()
         return None
+
+
+def _where(port: int, guest: str) -> str:
+    """How a refusal's log line names the stream."""
+    return f"service port {port} from guest {guest}"
 
 
 class _GuestFactory(Factory):

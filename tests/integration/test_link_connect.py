@@ -1,0 +1,119 @@
+"""tproxy.link_connect against the real reactor on loopback (no root needed).
+
+The connect completes on the kernel's word, so these use real sockets: a
+connection made, one refused, one cancelled, one timed out; each failure
+arrives as the exception Twisted's own connect gives, through ``on_failed``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import defer, error, protocol, reactor
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from tproxy.link_connect import OutgoingConnection, connect_tcp
+
+
+class _Recorder(protocol.Protocol):
+    def __init__(self) -> None:
+        self.made: defer.Deferred[None] = defer.Deferred()
+        self.data = b""
+
+    def connectionMade(self) -> None:
+        self.made.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Greeter(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hi")  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+class ConnectTests(unittest.TestCase):
+    def _failures(self) -> tuple[list[tuple[Failure, Any]], defer.Deferred[None]]:
+        seen: list[tuple[Failure, Any]] = []
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def on_failed(failure: Failure, arg: Any) -> None:
+            seen.append((failure, arg))
+            done.callback(None)
+
+        self.on_failed = on_failed
+        return seen, done
+
+    @defer.inlineCallbacks
+    def test_connects(self):  # type: ignore[no-untyped-def]
+        """A listening service: the protocol is connected and reads what the service sends."""
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, protocol.Factory.forProtocol(_Greeter), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        p = _Recorder()
+        lost: defer.Deferred[None] = defer.Deferred()
+        p.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign,assignment]
+        seen, _ = self._failures()
+        conn = connect_tcp(reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed)
+        yield p.made
+        self.assertIs(p.transport, conn)
+        self.assertEqual(conn.getPeer().port, listening.getHost().port)
+        self.assertEqual(conn.getHost().host, "127.0.0.1")
+        yield lost
+        self.assertEqual(p.data, b"hi")
+        self.assertEqual(seen, [])
+
+    @defer.inlineCallbacks
+    def test_refused(self):  # type: ignore[no-untyped-def]
+        """No listener: on_failed gets ConnectionRefusedError and the argument given."""
+        seen, done = self._failures()
+        p = _Recorder()
+        conn = connect_tcp(reactor, "127.0.0.1", _dead_port(), p, 5.0, self.on_failed, "arg")
+        yield done
+        [(failure, arg)] = seen
+        self.assertTrue(failure.check(error.ConnectionRefusedError))
+        self.assertEqual(arg, "arg")
+        self.assertIsNone(p.transport)
+        self.assertEqual(conn.socket.fileno(), -1)
+
+    def test_cancelled(self) -> None:
+        """cancel() before the connect ends: CancelledError, socket closed, nothing more."""
+        seen, _ = self._failures()
+        p = _Recorder()
+        conn = connect_tcp(reactor, "127.0.0.1", _dead_port(), p, 5.0, self.on_failed)
+        conn.cancel()
+        conn.cancel()
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0][0].check(defer.CancelledError))
+        self.assertEqual(conn.socket.fileno(), -1)
+        self.assertNotIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
+
+    @defer.inlineCallbacks
+    def test_timeout(self):  # type: ignore[no-untyped-def]
+        """A connect not done within the timeout fails with TimeoutError."""
+        seen, done = self._failures()
+        conn = connect_tcp(reactor, "127.0.0.1", _dead_port(), _Recorder(), 0.0, self.on_failed)
+        self.assertIsInstance(conn, OutgoingConnection)
+        yield done
+        self.assertTrue(seen[0][0].check(error.TimeoutError))
+
+    @defer.inlineCallbacks
+    def test_immediate_error(self):  # type: ignore[no-untyped-def]
+        """An address connect() rejects at once fails from the reactor, not in the call."""
+        seen, done = self._failures()
+        connect_tcp(reactor, "0.0.0.0", 0, _Recorder(), 5.0, self.on_failed)
+        self.assertEqual(seen, [])
+        yield done
+        self.assertTrue(seen[0][0].check(error.ConnectError))

@@ -1,0 +1,150 @@
+"""A lean TCP connect for the root's streams: one socket adopted into one transport.
+
+Why: the root opens one TCP connection per stream, so issue 7's (b), new
+connections per second, pays for every layer of a connect. Twisted's
+``TCP4ClientEndpoint(...).connect(factory)`` builds a wrapping factory, a
+connector, a client transport that resolves its address, three Deferreds and a
+timeout call, and makes twelve system calls (two FIONBIO ioctls, two SO_ERROR
+reads, two ``connect``, five ``epoll_ctl``). Here a non-blocking socket
+(``SOCK_NONBLOCK``: no ioctl) is connected once and wrapped at once in a
+``tcp.Connection`` that finishes the connect in its first writable event:
+``socket``, ``connect``, one ``getsockopt(SO_ERROR)``, three ``epoll_ctl``.
+
+What the caller sees is the endpoint path's: the protocol's ``makeConnection``
+on success; on failure ``on_failed(Failure, arg)`` with the exceptions
+Twisted's own connect raises - ``error.getConnectError`` of the errno (so
+``ConnectionRefusedError`` and the same messages), ``error.TimeoutError``
+after ``timeout`` seconds, ``defer.CancelledError`` after ``cancel()``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import abstract, address, error, tcp
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.python.failure import Failure
+
+#: ``on_failed(failure, arg)``: the connect attempt ended without a connection.
+OnFailed = Callable[[Failure, Any], object]
+
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
+
+
+class OutgoingConnection(tcp.Connection):
+    """A TCP client connection that connects itself; a plain ``tcp.Connection`` once connected.
+
+    While connecting it is registered for writing only; its ``doWrite`` is the
+    connect's completion (an instance attribute, dropped once connected, so
+    the data path runs Twisted's own ``doWrite`` untouched).
+    """
+
+    logstr = "OutgoingConnection,client"
+    _connecting = True
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        protocol: IProtocol,
+        on_failed: OnFailed,
+        arg: Any,
+    ) -> None:
+        # tcp.Connection.__init__ less its setblocking(False): the socket was made
+        # non-blocking (SOCK_NONBLOCK), and that call is one more ioctl.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = sock
+        self.fileno = sock.fileno
+        self.protocol = protocol
+        self._on_failed = on_failed
+        self._arg = arg
+        self._timer: IDelayedCall | None = None
+        self.doWrite = self._connect_done  # type: ignore[method-assign]
+
+    def _connect_done(self) -> None:
+        """Writable while connecting: the connect ended; connected or failed."""
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(error.getConnectError((err, os.strerror(err))))
+            return
+        self._connecting = False
+        del self.doWrite
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.startReading()
+        self.stopWriting()
+        self.connected = 1
+        self.protocol.makeConnection(self)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._connecting:
+            return
+        self._connecting = False
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.stopWriting()
+        self.socket.close()
+        self._on_failed(Failure(exc), self._arg)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(error.TimeoutError())
+
+    def cancel(self) -> None:
+        """Give up a connect attempt (``on_failed`` gets a ``CancelledError``); else nothing."""
+        self._fail(CancelledError())
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._connecting:
+            # The reactor saw an error or hang-up while we waited to write.
+            err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._fail(
+                error.getConnectError((err, os.strerror(err)))
+                if err
+                else error.ConnectError(string=reason.getErrorMessage())
+            )
+            return
+        super().connectionLost(reason)
+
+    def getHost(self) -> address.IPv4Address:
+        return address.IPv4Address("TCP", *self.socket.getsockname())
+
+    def getPeer(self) -> address.IPv4Address:
+        return address.IPv4Address("TCP", *self.socket.getpeername())
+
+
+def connect_tcp(
+    reactor: Any,
+    host: str,
+    port: int,
+    protocol: IProtocol,
+    timeout: float,
+    on_failed: OnFailed,
+    arg: Any = None,
+) -> OutgoingConnection:
+    """Connect ``protocol`` to ``host:port`` (an IPv4 address); the attempt can be cancelled.
+
+    Failures, immediate ones included, are reported through ``on_failed``
+    from the reactor, never raised into the caller.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    conn = OutgoingConnection(reactor, sock, protocol, on_failed, arg)
+    try:
+        result = sock.connect_ex((host, port))
+    except OSError as e:  # e.g. an address the kernel rejects outright
+        result = e.errno or errno.EINVAL
+    if result and result not in _IN_PROGRESS:
+        exc = error.getConnectError((result, os.strerror(result)))
+        reactor.callLater(0, conn._fail, exc)
+        return conn
+    # Connected at once (result 0) or in progress: the first writable event says.
+    conn.startWriting()
+    conn._timer = reactor.callLater(timeout, conn._timed_out)
+    return conn
