@@ -72,6 +72,9 @@ _PING = struct.Struct("!Q")
 #: Read size and write high-water mark of a stream's TCP socket.
 STREAM_BUFFER = 1 << 18
 
+#: Every stream's clean end, one instance for all (Twisted's reactor shares its own too).
+_CONNECTION_DONE = Failure(ierror.ConnectionDone())
+
 #: Most buffers one ``sendmsg`` of a link flush gathers (IOV_MAX is 1024).
 _MAX_IOV = 512
 
@@ -303,7 +306,7 @@ class _StreamProtocol(Protocol):
         state = self.link.conn.stream_state(self.stream_id)
         if state is StreamState.OPEN or state is StreamState.HALF_CLOSED_REMOTE:
             self.link.conn.half_close(self.stream_id)
-            self.link.flush()
+            self.link.flush_soon()
         self._maybe_finish()
 
     def writeConnectionLost(self) -> None:
@@ -316,8 +319,17 @@ class _StreamProtocol(Protocol):
             # Both FINs are through: no shutdown(SHUT_RDWR) before close() (it
             # could only fail with ENOTCONN). Our producer was unregistered by
             # close_write(), so this really closes, at once.
-            self.transport._shouldShutdown = False  # type: ignore[union-attr,attr-defined]
-            self.transport.loseConnection()
+            t: Any = self.transport
+            t._shouldShutdown = False
+            if self._sock is not None and t.connected and not t.disconnecting:
+                # loseConnection()'s own path once the write side is shut, with
+                # one shared Failure instead of a new one (and its traceback
+                # walk) per connection, as the reactor's _disconnectSelectable does.
+                t.stopReading()
+                t.stopWriting()
+                t.connectionLost(_CONNECTION_DONE)
+            else:
+                t.loseConnection()
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
         if self.ended:
@@ -417,6 +429,10 @@ class LinkProtocol(Protocol):
         self._ping_timeout = ping_timeout
         self._ping_call: IDelayedCall | None = None
         self._pong_deadline: IDelayedCall | None = None
+        self._flush_call: IDelayedCall | None = None
+        #: ``flush_soon`` waits for the end of the reactor turn (a real reactor only:
+        #: fake clocks in tests run nothing until advanced, so there it flushes now).
+        self._batch_flush = isinstance(reactor, PosixReactorBase)
         self._ping_ids = itertools.count(1)
 
     @property
@@ -451,6 +467,23 @@ class LinkProtocol(Protocol):
         chunks = self.conn.data_to_send()
         if chunks:
             _write_sequence_now(self.transport, self._sock, chunks)
+
+    def flush_soon(self) -> None:
+        """Write what the connection queued at the end of this reactor turn.
+
+        For the frames that open and end streams (OPEN, OPEN_RESULT,
+        HALF_CLOSE): those of all the streams one turn handles then leave in
+        one send, and the peer wakes up once for them (a flush of DATA before
+        then takes them along, in order).
+        """
+        if not self._batch_flush:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._flush_call = None
+        self.flush()
 
     def dataReceived(self, data: bytes) -> None:
         if self.conn.terminated or self._lost:
@@ -522,7 +555,7 @@ class LinkProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost = True
-        for call in (self._ping_call, self._pong_deadline):
+        for call in (self._ping_call, self._pong_deadline, self._flush_call):
             if call is not None and call.active():
                 call.cancel()
         streams = list(self._streams.values())
@@ -976,7 +1009,7 @@ class RootLink(LinkProtocol):
                 port=s.service_port,
             )
         s._apply_pause()
-        self.flush()
+        self.flush_soon()
 
     def _connect_failed(self, failure: Failure, s: _StreamProtocol) -> None:
         s.connecting = None
@@ -1131,7 +1164,7 @@ class InnerLink(LinkProtocol):
         if self.counting:
             self.counters.opened += 1
         self._streams[s.stream_id] = s
-        self.flush()
+        self.flush_soon()
 
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamAccepted):
