@@ -73,9 +73,9 @@ def _child(role: str, fd: int, port: int, service: int, log_dir: str) -> None:
         from tproxy.link import InnerLink
 
         link = InnerLink(reactor, on_config=lambda ports: None, limits=Limits(), bridge="bench")
-        reactor.listenTCP(
-            port, link.guest_factory(SERVICE_PORT), backlog=1024, interface="127.0.0.1"
-        )
+        from tproxy.link_accept import GuestEndpoint
+
+        GuestEndpoint(reactor, port, 1024, "127.0.0.1").listen(link.guest_factory(SERVICE_PORT))
     os.set_blocking(fd, False)
     adopt_with(reactor)(fd, link)
     os.close(fd)

@@ -455,10 +455,10 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
 
     epollreactor.install()
     from twisted.internet import reactor as _reactor
-    from twisted.internet.endpoints import TCP4ServerEndpoint
 
     reactor: Any = _reactor
     from tproxy.link import InnerLink
+    from tproxy.link_accept import GuestEndpoint
     from tproxy.metrics import COUNTERS_OFF_MESSAGE, counting_enabled
 
     def stop() -> None:
@@ -468,7 +468,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     service = InnerService(
         reactor,
         bridge,
-        lambda port: TCP4ServerEndpoint(reactor, port, backlog=BACKLOG, interface=SERVICE_ADDRESS),
+        lambda port: GuestEndpoint(reactor, port, backlog=BACKLOG, interface=SERVICE_ADDRESS),
         lambda: float(daemon.limits().grace_period),
         stop,
     )

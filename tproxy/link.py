@@ -1142,9 +1142,13 @@ class InnerLink(LinkProtocol):
         return _GuestFactory(self, service_port)
 
     def _tcp_connected(self, s: _StreamProtocol) -> None:
-        peer = s.transport.getPeer()  # type: ignore[union-attr]
-        host = getattr(peer, "host", "0.0.0.0")
-        gport = getattr(peer, "port", 0)
+        client = getattr(s.transport, "client", None)
+        if type(client) is tuple:  # tcp.Server: the address accept() gave, no address object
+            host, gport = client[0], client[1]
+        else:
+            peer = s.transport.getPeer()  # type: ignore[union-attr]
+            host = getattr(peer, "host", "0.0.0.0")
+            gport = getattr(peer, "port", 0)
         s.guest = f"{host}:{gport}"
         if self._lost or self.transport is None or not self.conn.may_open:
             if self.counting:

@@ -58,6 +58,7 @@ PRELOAD = (
     "tproxy.rlimits",
     "tproxy.runtime",
     "tproxy.link",
+    "tproxy.link_accept",
     "tproxy.inner",
     "tproxy.root",
     "tproxy.spawn",
