@@ -5,7 +5,8 @@ Why: every accepted guest connection waits, unread, for the root's OPEN_RESULT
 ``tcp.Server`` registers the new socket for reading as it is built, and the
 stream then pauses it at once: two ``epoll_ctl`` (add, delete) per connection
 for nothing, before the third that starts reading once the root accepts. A
-``GuestServer`` skips that first registration; the stream's own resume (its
+``GuestServer`` skips that first registration (and the log prefix and repr
+strings ``tcp.Server`` formats per connection); the stream's own resume (its
 producer's ``resumeProducing``) starts reading when the stream opens.
 
 ``GuestEndpoint`` is ``TCP4ServerEndpoint`` with ``GuestPort`` for
@@ -14,11 +15,13 @@ producer's ``resumeProducing``) starts reading when the stream opens.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-from twisted.internet import defer, tcp
+from twisted.internet import address, defer, tcp
 from twisted.internet.interfaces import (
     IListeningPort,
+    IProtocol,
     IProtocolFactory,
     IStreamServerEndpoint,
 )
@@ -28,14 +31,31 @@ from zope.interface import implementer
 class GuestServer(tcp.Server):
     """An accepted guest connection that is read only once something resumes it."""
 
-    _armed = False
+    logstr = "GuestServer"
 
-    def startReading(self) -> None:
-        # The first call is tcp.Server.__init__'s; the stream resumes reading later.
-        if self._armed:
-            super().startReading()
-        else:
-            self._armed = True
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: IProtocol,
+        client: tuple[Any, ...],
+        server: tcp.Port,
+        sessionno: int,
+        reactor: Any,
+    ) -> None:
+        # tcp.Server.__init__ less its startReading(), and less the log prefix
+        # and repr it formats for every connection (``logstr``, ``__repr__``).
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = address.IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.connected = 1
+
+    def __repr__(self) -> str:
+        name = type(self.protocol).__name__
+        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
 
 
 class GuestPort(tcp.Port):

@@ -43,6 +43,8 @@ class GuestEndpointTests(unittest.TestCase):
         client.sendall(b"hello")
         yield p.made
         self.assertIsInstance(p.transport, GuestServer)
+        self.assertEqual(p.transport.client, ("127.0.0.1", client.getsockname()[1]))  # type: ignore[union-attr]
+        self.assertIn("_Held #", repr(p.transport))
         self.assertNotIn(p.transport, reactor.getReaders())  # type: ignore[attr-defined]
         yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertFalse(p.got.called)
