@@ -61,6 +61,9 @@ def _child(role: str, fd: int, port: int, service: int, log_dir: str) -> None:
     from tproxy.root import adopt_with
 
     reactor: Any = _reactor
+    from tproxy import dispatch
+
+    dispatch.install()  # as both daemons do
     log = DaemonLog(log_dir, f"bench_{role}", LogLevel.warn)
     begin_daemon_logging(log, redirect_stdio=False)
     link: Any

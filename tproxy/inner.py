@@ -456,6 +456,10 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
     epollreactor.install()
     from twisted.internet import reactor as _reactor
 
+    from tproxy import dispatch
+
+    dispatch.install()
+
     reactor: Any = _reactor
     from tproxy.link import InnerLink
     from tproxy.link_accept import GuestEndpoint

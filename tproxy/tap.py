@@ -149,10 +149,13 @@ class RootDaemon(MultiService):
         self.runtime.prepare(begin_logging=False)
         self.root.settings = self.runtime.config
         MemoryReclaimer(self._reactor).start()
-        if self._set_title:
+        if self._set_title:  # the real daemon (tests build it without)
             import setproctitle
 
+            from tproxy import dispatch
+
             setproctitle.setproctitle(ROOT_TITLE)
+            dispatch.install()
         if not self.counting:
             log.warn(COUNTERS_OFF_MESSAGE)
         super().privilegedStartService()

@@ -59,6 +59,7 @@ PRELOAD = (
     "tproxy.runtime",
     "tproxy.link",
     "tproxy.link_accept",
+    "tproxy.dispatch",
     "tproxy.inner",
     "tproxy.root",
     "tproxy.spawn",
