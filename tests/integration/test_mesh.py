@@ -186,6 +186,38 @@ class ReloadTests(MeshTestCase):
         inner_log = self.host.log(f"one_tproxy_{br}")
         self.assertNotIn("INFO", inner_log.split("reloaded", 1)[-1])
 
+    def test_debug_lines_follow_the_level(self) -> None:
+        """Both logs show each stream opened and closed at debug level 3, not at 1, then again."""
+        self.host.serve_http(5030)
+        br, guest = self.bridge_with_guest({5030: (LOCAL, 5030)})
+        self.start()
+        guest.wait_serving(5030)
+        guest.curl(guest.service_url(5030), check=True)
+        for name in ("one_tproxy", f"one_tproxy_{br}"):
+            wait_until(
+                lambda n=name: "bytes from it" in self.host.log(n),
+                timeout=5,
+                message=f"DEBUG stream lines in {name}.log",
+            )
+            self.assertIn("open: guest", self.host.log(name))
+        self.host.write_config(config_yaml([], debug_level=1))
+        self.host.tproxy("reload", check=True)
+        names = ("one_tproxy", f"one_tproxy_{br}")
+
+        def quiet() -> bool:
+            """A request after the reload (it reaches the inner with a forwarded SIGHUP)
+            adds no DEBUG line to either log."""
+            before = [self.host.log(n).count("bytes from it") for n in names]
+            guest.curl(guest.service_url(5030), check=True)
+            time.sleep(0.3)
+            return [self.host.log(n).count("bytes from it") for n in names] == before
+
+        wait_until(quiet, timeout=10, message="no DEBUG lines at debug level 1")
+        self.host.write_config(config_yaml([], debug_level=3))
+        self.host.tproxy("reload", check=True)
+
+        wait_until(lambda: not quiet(), timeout=10, message="DEBUG lines again at debug level 3")
+
     def test_restart(self) -> None:
         """restart really stops, then starts new processes that serve."""
         self.host.serve_http(5030)
