@@ -410,6 +410,47 @@ class FlowControlTests(unittest.TestCase):
         self.assertTrue(g.reading)
 
 
+class FlushSoonTests(unittest.TestCase):
+    """On a real reactor OPEN, OPEN_RESULT and HALF_CLOSE wait for the end of the turn."""
+
+    def test_opens_of_one_turn_leave_in_one_write(self) -> None:
+        """Two guests accepted in one turn: their OPENs go out together when the turn ends."""
+        h = Harness()
+        h.inner._batch_flush = True
+        writes: list[list[bytes]] = []
+        write_sequence = h.it.writeSequence
+        h.it.writeSequence = lambda chunks: (  # type: ignore[method-assign]
+            writes.append(list(chunks)),
+            write_sequence(chunks),
+        )
+        h.drain_unix = False
+        h.guest(gport=41000)
+        h.guest(gport=41001)
+        self.assertEqual(writes, [])
+        h.reactor.advance(0)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([c[0] for c in writes[0]], [fr.FrameType.OPEN] * 2)
+        h.drain_unix = True
+        h.pump()
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+
+    def test_data_takes_pending_frames_along(self) -> None:
+        """A DATA flush before the turn ends carries the OPEN_RESULT queued before it, in order."""
+        h = Harness()
+        h.root._batch_flush = True
+        g = h.guest()
+        s = h.service()
+        self.assertFalse(g.reading)  # its OPEN_RESULT waits for the end of the turn
+        s.protocol.dataReceived(b"hello")
+        h.pump()
+        self.assertEqual(h.inner.counters.accepted, 1)
+        self.assertEqual(g.take(), b"hello")
+        self.assertTrue(g.reading)
+        h.reactor.advance(0)  # the turn's own flush finds nothing more to send
+        h.pump()
+        self.assertEqual(h.inner.counters.accepted, 1)
+
+
 class LinkLifeTests(unittest.TestCase):
     """Config, ping, go-away, protocol errors and the link's end."""
 

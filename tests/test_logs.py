@@ -14,6 +14,7 @@ from twisted.application.service import Application, IServiceCollection, MultiSe
 from twisted.logger import ILogObserver, LogBeginner, Logger, LogLevel, LogPublisher
 from twisted.trial import unittest
 
+from tproxy import logs
 from tproxy.logs import (
     CLIObserver,
     DaemonLog,
@@ -358,6 +359,55 @@ class DaemonLogTests(unittest.TestCase):
         self.addCleanup(os.umask, old)
         d = self.make()
         self.assertEqual(os.stat(d.path).st_mode & 0o777, 0o640)
+
+
+class DebugGateTests(unittest.TestCase):
+    """``tproxy.logs.debug_enabled``: whether DEBUG can reach the process's log."""
+
+    def setUp(self) -> None:
+        was = logs.debug_enabled
+
+        def restore() -> None:
+            logs.debug_enabled = was
+
+        self.addCleanup(restore)
+
+    def _log(self, level: LogLevel) -> DaemonLog:
+        d = DaemonLog(self.mktemp(), "x", level, complain=io.StringIO())
+        self.addCleanup(d.close)
+        return d
+
+    def test_follows_the_governing_log(self) -> None:
+        """The governing log sets the gate from its level, now and on each set_level."""
+        d = self._log(LogLevel.warn)
+        d.govern_debug_gate()
+        self.assertFalse(logs.debug_enabled)
+        d.set_level(LogLevel.debug)
+        self.assertTrue(logs.debug_enabled)
+        d.set_level(LogLevel.info)
+        self.assertFalse(logs.debug_enabled)
+
+    def test_other_logs_leave_it_alone(self) -> None:
+        """A log that does not govern (tests, a custom beginner) never changes the gate."""
+        logs.debug_enabled = True
+        d = self._log(LogLevel.error)
+        d.set_level(LogLevel.warn)
+        stdio = types.SimpleNamespace(stdout=io.StringIO(), stderr=io.StringIO())
+        warnings = types.SimpleNamespace(showwarning=None)
+        beginner = LogBeginner(LogPublisher(), io.StringIO(), stdio, warnings)
+        begin_daemon_logging(d, beginner=beginner, redirect_stdio=False)
+        DaemonLogRoot(d).setServiceParent(MultiService())
+        self.assertTrue(logs.debug_enabled)
+
+    def test_twistd_root_governs_when_started(self) -> None:
+        """Under a twistd Application the DaemonLogRoot's log governs once started."""
+        logs.debug_enabled = True
+        root = DaemonLogRoot(self._log(LogLevel.info))
+        root.setServiceParent(Application("one-tproxy"))
+        self.assertTrue(logs.debug_enabled)
+        root.startService()
+        self.addCleanup(root.stopService)
+        self.assertFalse(logs.debug_enabled)
 
 
 class BeginTests(unittest.TestCase):
