@@ -363,6 +363,12 @@ class _StreamProtocol(Protocol):
             # to do the same: doWrite's end-of-buffer path, word for word.
             t._writeDisconnecting = True
             t._writeDisconnected = True
+            if self._read_eof:
+                # The peer's FIN is in, so nothing can come to reset the close:
+                # close() sends our FIN itself, without a shutdown() first.
+                self._write_done = True
+                self._maybe_finish()
+                return
             t._closeWriteConnection()
         else:
             t.loseWriteConnection()
