@@ -191,6 +191,35 @@ def median_pss(pids_of: Callable[[], Sequence[int]], samples: int = 3) -> int:
     return int(statistics.median(values))
 
 
+#: (f) waits for the proxies' memory to settle: PSS is read every
+#: ``SETTLE_INTERVAL`` s until ``SETTLE_AGREE`` readings in a row (spanning more
+#: than the proxies' 2 s reclaim interval, ``tproxy.runtime``) agree within
+#: ``SETTLE_TOLERANCE``, for at most ``SETTLE_MAX`` s.
+SETTLE_INTERVAL = 1.0
+SETTLE_AGREE = 3
+SETTLE_TOLERANCE = 0.01
+SETTLE_MAX = 30.0
+
+
+def settled_pss(pids_of: Callable[[], Sequence[int]]) -> tuple[int, bool]:
+    """PSS (KiB) once it stopped moving, and whether it did within ``SETTLE_MAX`` s.
+
+    Right after a burst a process is still freeing (a collection, a trim, a
+    stream's grace) or still faulting in pages; one reading then says more
+    about timing than about memory.
+    """
+    readings: list[int] = []
+    deadline = time.monotonic() + SETTLE_MAX
+    while True:
+        readings.append(pss_kb(pids_of()))
+        last = readings[-SETTLE_AGREE:]
+        if len(last) == SETTLE_AGREE and max(last) - min(last) <= SETTLE_TOLERANCE * max(last):
+            return int(statistics.median(last)), True
+        if time.monotonic() >= deadline:
+            return readings[-1], False
+        time.sleep(SETTLE_INTERVAL)
+
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -595,23 +624,38 @@ class Bench:
             add("e_ratio", stalled.p99 / without.p99 if without.p99 else math.inf)
             log(f"  (e) without {without}\n      stalled({report['ok']}) {stalled}")
         if "f" in w:
-            self.memory(path, out)
+            self.memory(path, out, fresh=any(c in w for c in "abcde"))
         if "g" in w:
             self.flood(path, out)
 
-    def memory(self, path: Path, out: dict[str, list[float]]) -> None:
-        """(f) PSS of the proxies idle, with N idle connections held, after they close."""
+    def memory(self, path: Path, out: dict[str, list[float]], fresh: bool = False) -> None:
+        """(f) PSS of the proxies idle, with N idle connections held, after they close.
+
+        ``fresh``: other workloads ran on this activation of the path, so it is
+        started anew first - "idle" must be the memory of proxies that served
+        nothing yet, not what (a)-(e) left behind. Each of the three figures is
+        read once PSS has settled (:func:`settled_pss`).
+        """
         n = self.settings.held
-        idle = median_pss(path.proxy_pids)
+        if fresh:
+            path.deactivate()
+            path.activate()
+            self.wait_served()
+        idle, idle_ok = settled_pss(path.proxy_pids)
         with self.held(n, "request", deadline=60) as report:
             time.sleep(1.0)
-            held = median_pss(path.proxy_pids)
+            held, held_ok = settled_pss(path.proxy_pids)
         time.sleep(2.0)
-        after = median_pss(path.proxy_pids)
+        after, after_ok = settled_pss(path.proxy_pids)
         for key, value in (("f_idle", idle), ("f_held", held), ("f_after", after),
                            ("f_per_conn", (held - idle) / max(report["ok"], 1)),
                            ("f_ok", report["ok"])):
             out.setdefault(key, []).append(value)
+        unsettled = [name for name, ok in (("idle", idle_ok), ("held", held_ok),
+                                           ("after", after_ok)) if not ok]
+        if unsettled:
+            self.notes.append(f"{path.name}: (f) PSS did not settle within {SETTLE_MAX:g} s "
+                              f"({', '.join(unsettled)}): the last reading is reported")
         log(f"  (f) idle {idle} KiB, {report['ok']}/{n} held {held} KiB, after {after} KiB "
             f"(errors {report['errors']})")
 
