@@ -45,3 +45,51 @@ class TemplateTests(unittest.TestCase):
         self.assertIs(privileges.process_libc(), privileges._process_libc[0])
         self.assertEqual(len(runtime._libc), 1)
         self.assertIn("tproxy.privileges", template.PRELOAD)
+
+    def test_preload_reads_the_configuration_once(self) -> None:
+        """preload fills the configuration cache the inner proxies reuse."""
+        from tproxy import runtime
+
+        self.addCleanup(gc.unfreeze)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(":tproxy_debug_level: 3\n")
+        os.utime(path, (1, 1))
+        before = runtime.CONFIG_CACHE.reads
+        template.preload(("json",), warm=False, config=path)
+        self.assertEqual(runtime.CONFIG_CACHE(path).debug_level, 3)
+        self.assertEqual(runtime.CONFIG_CACHE.reads, before + 1)
+
+    def test_preload_survives_a_broken_configuration(self) -> None:
+        """A configuration that cannot be used is left to the inner proxy."""
+        self.addCleanup(gc.unfreeze)
+        template.preload(("json",), warm=False, config=os.path.abspath(self.mktemp()))
+
+    def test_fork_child(self) -> None:
+        """fork() makes a child (without the at-fork hooks when single-threaded)."""
+        import threading
+
+        pid, raw = template.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                template.after_raw_fork()
+            finally:
+                os._exit(7)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 7)
+        self.assertEqual(raw, threading.active_count() == 1)
+
+    def test_fork_with_threads_uses_os_fork(self) -> None:
+        """With another thread alive, fork() is os.fork() (the hooks run)."""
+        import threading
+
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        pid, raw = template.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0)
+        os.waitpid(pid, 0)
+        self.assertFalse(raw)
