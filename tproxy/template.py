@@ -94,6 +94,10 @@ def preload(
     _load_libc()
     process_libc()
     _fork_function()
+    if not hasattr(os, "setns"):  # Python < 3.12: enter_netns goes through ctypes
+        from tproxy.spawn import _libc_setns
+
+        _libc_setns()
     if config is not None:
         from tproxy.config import ConfigError
 
