@@ -93,3 +93,17 @@ class TemplateTests(unittest.TestCase):
             os._exit(0)
         os.waitpid(pid, 0)
         self.assertFalse(raw)
+
+    def test_allow_page_merging(self) -> None:
+        """The KSM opt-in works on kernels that know it and never raises."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child (the opt-in is for good)
+            try:
+                ok = template.allow_page_merging()
+                with open("/proc/self/smaps") as f:
+                    marked = " mg" in f.read()
+                os._exit(0 if ok == marked else 3)
+            finally:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
