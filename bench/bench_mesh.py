@@ -182,6 +182,11 @@ def pss_kb(pids: Sequence[int]) -> int:
     return total
 
 
+def pss_by_process(pids: Sequence[int]) -> list[tuple[str, int]]:
+    """``(process name, PSS KiB)`` of each of ``pids`` (for the log: where memory stays)."""
+    return [(process_name(pid) or str(pid), pss_kb([pid])) for pid in pids]
+
+
 def median_pss(pids_of: Callable[[], Sequence[int]], samples: int = 3) -> int:
     """The median of a few PSS samples, 0.3 s apart."""
     values = []
@@ -401,6 +406,8 @@ class Bench:
     """How one_tproxy_BR was built: ``by the driver`` or ``by hand``."""
     notes: list[str] = field(factory=list)
     """Remarks that belong under the table."""
+    ksm: bool = False
+    """(h) also measures the mesh with the kernel's same-page merging running."""
 
     # ----------------------------------------------------------------- topology
 
@@ -657,7 +664,8 @@ class Bench:
             self.notes.append(f"{path.name}: (f) PSS did not settle within {SETTLE_MAX:g} s "
                               f"({', '.join(unsettled)}): the last reading is reported")
         log(f"  (f) idle {idle} KiB, {report['ok']}/{n} held {held} KiB, after {after} KiB "
-            f"(errors {report['errors']})")
+            f"(errors {report['errors']}); after, by process: " +
+            ", ".join(f"{name} {kb}" for name, kb in pss_by_process(path.proxy_pids())))
 
     def flood(self, path: Path, out: dict[str, list[float]]) -> None:
         """(g) N concurrent connections: how many get their response within the deadline,
@@ -694,6 +702,11 @@ class Bench:
                 out.setdefault("one-tproxy", {})[target] = kb
                 log(f"  (h) one-tproxy, {target} bridges: {kb} KiB "
                     f"in {len(mesh.proxy_pids())} processes")
+                if self.ksm:
+                    with ksm_running():
+                        kb = median_pss(mesh.proxy_pids)
+                    out.setdefault(KSM_COLUMN, {})[target] = kb
+                    log(f"  (h) one-tproxy with KSM, {target} bridges: {kb} KiB")
                 mesh.deactivate()
             if haproxy is not None:
                 # Per-namespace haproxies sized as neutron sizes its metadata proxies
@@ -704,6 +717,53 @@ class Bench:
                 out.setdefault("haproxy", {})[target] = kb
                 log(f"  (h) haproxy, {target} bridges: {kb} KiB")
                 haproxy.deactivate()
+
+
+KSM = "/sys/kernel/mm/ksm"
+#: The (h) figures measured with KSM running.
+KSM_COLUMN = "one-tproxy, KSM"
+
+
+def _ksm(name: str, value: str | None = None) -> str:
+    path = os.path.join(KSM, name)
+    if value is not None:
+        with open(path, "w") as f:
+            f.write(value)
+    with open(path) as f:
+        return f.read().strip()
+
+
+@contextlib.contextmanager
+def ksm_running(timeout: float = 60.0) -> Iterator[None]:
+    """Run the kernel's same-page merging until it stops finding pages, then restore the host.
+
+    The mesh marks its memory mergeable (``tproxy.template.allow_page_merging``);
+    only processes that did so are scanned. Waits (bounded) until two full
+    scans in a row leave the number of merged pages within 1 %. The host's
+    settings (``run``, ``pages_to_scan``) are put back, also on an exception;
+    pages already merged stay merged until written.
+    """
+    old_run, old_scan = _ksm("run"), _ksm("pages_to_scan")
+    try:
+        _ksm("pages_to_scan", "2000")
+        _ksm("run", "1")
+        deadline = time.monotonic() + timeout
+        last = -1
+        scans = int(_ksm("full_scans"))
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now_scans = int(_ksm("full_scans"))
+            if now_scans < scans + 2:
+                continue
+            scans = now_scans
+            sharing = int(_ksm("pages_sharing"))
+            if last >= 0 and abs(sharing - last) <= 0.01 * max(last, 1):
+                break
+            last = sharing
+    finally:
+        _ksm("run", old_run)
+        _ksm("pages_to_scan", old_scan)
+    yield
 
 
 # --------------------------------------------------------------------------- profiling
@@ -929,6 +989,14 @@ def table(results: dict[str, dict[str, list[float]]], bridges: dict[str, dict[in
             else:
                 cells.append("not run")
         lines.append("| " + " | ".join(cells) + " |")
+    ksm = bridges.get(KSM_COLUMN, {})
+    for n in sorted(ksm):
+        lines.append(f"| (h) the same with KSM running, {n} bridge{'s' if n > 1 else ''}, MiB "
+                     f"| n/a | n/a | {ksm[n] / 1024:.1f} |")
+    if len(ksm) > 1:
+        lo, hi = min(ksm), max(ksm)
+        lines.append("| (h) PSS per extra bridge with KSM running, MiB | n/a | n/a | "
+                     f"{(ksm[hi] - ksm[lo]) / (hi - lo) / 1024:.2f} |")
     return "\n".join(lines)
 
 
@@ -1091,6 +1159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paths", help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--workloads", help="letters of the workloads to run (default abcdefgh)")
     parser.add_argument("--bridges", help="bridge counts for (h), e.g. 1,10,50")
+    parser.add_argument("--ksm", action="store_true",
+                        help="(h) also with the kernel's same-page merging running "
+                             "(switched on for the measurement, then restored)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--profile", metavar="DIR",
                         help="instead of the table: py-spy the mesh under (a) and (c), "
@@ -1114,7 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     cleanups = Cleanups()
-    bench = Bench(settings, cleanups)
+    bench = Bench(settings, cleanups, ksm=args.ksm and os.path.isdir(KSM))
     results: dict[str, dict[str, list[float]]] = {}
     bridge_pss: dict[str, dict[int, int]] = {}
     status = 0
