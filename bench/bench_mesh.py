@@ -649,9 +649,11 @@ class Bench:
             path.activate()
             self.wait_served()
         idle, idle_ok = settled_pss(path.proxy_pids)
+        idle_by = pss_by_process(path.proxy_pids())
         with self.held(n, "request", deadline=60) as report:
             time.sleep(1.0)
             held, held_ok = settled_pss(path.proxy_pids)
+            held_by = pss_by_process(path.proxy_pids())
         time.sleep(2.0)
         after, after_ok = settled_pss(path.proxy_pids)
         for key, value in (("f_idle", idle), ("f_held", held), ("f_after", after),
@@ -664,7 +666,9 @@ class Bench:
             self.notes.append(f"{path.name}: (f) PSS did not settle within {SETTLE_MAX:g} s "
                               f"({', '.join(unsettled)}): the last reading is reported")
         log(f"  (f) idle {idle} KiB, {report['ok']}/{n} held {held} KiB, after {after} KiB "
-            f"(errors {report['errors']}); after, by process: " +
+            f"(errors {report['errors']}); by process, idle: " +
+            ", ".join(f"{name} {kb}" for name, kb in idle_by) + "; held: " +
+            ", ".join(f"{name} {kb}" for name, kb in held_by) + "; after: " +
             ", ".join(f"{name} {kb}" for name, kb in pss_by_process(path.proxy_pids())))
 
     def flood(self, path: Path, out: dict[str, list[float]]) -> None:

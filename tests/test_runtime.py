@@ -218,6 +218,17 @@ class MemoryReclaimerTests(unittest.TestCase):
         self.assertEqual(collected, [15_400, 12_300])
         self.assertEqual(r.collections, 2)
 
+    def test_collects_after_a_slow_decline(self) -> None:
+        """Connections that close over several looks, each moving little, are collected."""
+        blocks = [10_000]
+        r, _, collected = self.reclaimer(None, blocks, collect_delta=500)
+        for _ in range(3):
+            blocks[0] -= 300
+            r.check()
+        self.assertEqual(collected, [9_400])
+        r.check()
+        self.assertEqual(collected, [9_400])
+
     def test_periodic(self) -> None:
         """Started, it looks every interval; stopped, never again."""
         libc = FakeLibc(free=5000)
