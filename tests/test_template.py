@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 
 from twisted.trial import unittest
 
@@ -107,3 +108,50 @@ class TemplateTests(unittest.TestCase):
                 os._exit(4)
         _, status = os.waitpid(pid, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+    def _in_child(self, check: Callable[[], bool]) -> None:
+        """Run ``check`` in a forked child (what it changes stays there); assert it held."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                code = 0 if check() else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+    def test_fill_pools(self) -> None:
+        """fill_pools takes free blocks of the pools in use (what remains is its own churn)."""
+
+        def check() -> bool:
+            before = sum(template._free_blocks().values())
+            made = template.fill_pools()
+            after = sum(template._free_blocks().values())
+            return made > 0 and after < before
+
+        self._in_child(check)
+
+    def test_fill_heap(self) -> None:
+        """After fill_heap the C heap holds fewer free bytes outside its top."""
+        from tproxy.runtime import _load_libc
+
+        libc = _load_libc()
+        if libc is None:
+            raise unittest.SkipTest("no glibc mallinfo2 here")
+
+        def holes() -> int:
+            info = libc.mallinfo2()
+            return int(info.fordblks) - int(info.keepcost)
+
+        def check() -> bool:
+            import ctypes
+
+            # Make a few holes first: blocks freed between blocks kept.
+            keep = [ctypes.create_string_buffer(4000) for _ in range(40)]
+            del keep[::2]
+            before = holes()
+            taken = template.fill_heap()
+            return taken > 0 and holes() < before
+
+        self._in_child(check)
