@@ -9,7 +9,10 @@ copy-on-write and only pays for what it changes. For the same reason the
 template reads the configuration file once (``tproxy.runtime.CONFIG_CACHE``:
 an inner proxy reuses that Config while the file is unchanged) and forks
 with the C library's ``fork()`` rather than ``os.fork()`` while it has one
-thread (:func:`fork` says why that is safe).
+thread (:func:`fork` says why that is safe), fills the free space of its
+allocators first (:func:`fill_pools`, :func:`fill_heap`) and marks its
+memory mergeable for KSM (:func:`allow_page_merging`). Figures:
+docs/performance.md, "Memory per bridge and after close".
 
 Control protocol on fd 3 (a SOCK_SEQPACKET socket pair made by the root), one
 message per packet, ASCII:
