@@ -262,6 +262,14 @@ def warm_up() -> None:
             ti.clear()
         reactor.callLater(0, reactor.stop)
         reactor.run(installSignalHandlers=False)
+        # The first log line: glibc reads the time zone (malloc'd state) and
+        # the formatting caches fill - once, here, not in every child.
+        from twisted.logger import LogLevel
+
+        from tproxy.logs import format_event_line
+
+        format_event_line({"log_format": "warm {x}", "x": 1, "log_level": LogLevel.info,
+                     "log_namespace": "warm", "log_time": 0.0})
     finally:
         _drop_buffered_log()
         for fd in (reactor._poller.fileno(),):
