@@ -182,6 +182,11 @@ def pss_kb(pids: Sequence[int]) -> int:
     return total
 
 
+def pss_by_process(pids: Sequence[int]) -> list[tuple[str, int]]:
+    """``(process name, PSS KiB)`` of each of ``pids`` (for the log: where memory stays)."""
+    return [(process_name(pid) or str(pid), pss_kb([pid])) for pid in pids]
+
+
 def median_pss(pids_of: Callable[[], Sequence[int]], samples: int = 3) -> int:
     """The median of a few PSS samples, 0.3 s apart."""
     values = []
@@ -189,6 +194,35 @@ def median_pss(pids_of: Callable[[], Sequence[int]], samples: int = 3) -> int:
         values.append(pss_kb(pids_of()))
         time.sleep(0.3)
     return int(statistics.median(values))
+
+
+#: (f) waits for the proxies' memory to settle: PSS is read every
+#: ``SETTLE_INTERVAL`` s until ``SETTLE_AGREE`` readings in a row (spanning more
+#: than the proxies' 2 s reclaim interval, ``tproxy.runtime``) agree within
+#: ``SETTLE_TOLERANCE``, for at most ``SETTLE_MAX`` s.
+SETTLE_INTERVAL = 1.0
+SETTLE_AGREE = 3
+SETTLE_TOLERANCE = 0.01
+SETTLE_MAX = 30.0
+
+
+def settled_pss(pids_of: Callable[[], Sequence[int]]) -> tuple[int, bool]:
+    """PSS (KiB) once it stopped moving, and whether it did within ``SETTLE_MAX`` s.
+
+    Right after a burst a process is still freeing (a collection, a trim, a
+    stream's grace) or still faulting in pages; one reading then says more
+    about timing than about memory.
+    """
+    readings: list[int] = []
+    deadline = time.monotonic() + SETTLE_MAX
+    while True:
+        readings.append(pss_kb(pids_of()))
+        last = readings[-SETTLE_AGREE:]
+        if len(last) == SETTLE_AGREE and max(last) - min(last) <= SETTLE_TOLERANCE * max(last):
+            return int(statistics.median(last)), True
+        if time.monotonic() >= deadline:
+            return readings[-1], False
+        time.sleep(SETTLE_INTERVAL)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -372,6 +406,8 @@ class Bench:
     """How one_tproxy_BR was built: ``by the driver`` or ``by hand``."""
     notes: list[str] = field(factory=list)
     """Remarks that belong under the table."""
+    ksm: bool = False
+    """(h) also measures the mesh with the kernel's same-page merging running."""
 
     # ----------------------------------------------------------------- topology
 
@@ -595,25 +631,45 @@ class Bench:
             add("e_ratio", stalled.p99 / without.p99 if without.p99 else math.inf)
             log(f"  (e) without {without}\n      stalled({report['ok']}) {stalled}")
         if "f" in w:
-            self.memory(path, out)
+            self.memory(path, out, fresh=any(c in w for c in "abcde"))
         if "g" in w:
             self.flood(path, out)
 
-    def memory(self, path: Path, out: dict[str, list[float]]) -> None:
-        """(f) PSS of the proxies idle, with N idle connections held, after they close."""
+    def memory(self, path: Path, out: dict[str, list[float]], fresh: bool = False) -> None:
+        """(f) PSS of the proxies idle, with N idle connections held, after they close.
+
+        ``fresh``: other workloads ran on this activation of the path, so it is
+        started anew first - "idle" must be the memory of proxies that served
+        nothing yet, not what (a)-(e) left behind. Each of the three figures is
+        read once PSS has settled (:func:`settled_pss`).
+        """
         n = self.settings.held
-        idle = median_pss(path.proxy_pids)
+        if fresh:
+            path.deactivate()
+            path.activate()
+            self.wait_served()
+        idle, idle_ok = settled_pss(path.proxy_pids)
+        idle_by = pss_by_process(path.proxy_pids())
         with self.held(n, "request", deadline=60) as report:
             time.sleep(1.0)
-            held = median_pss(path.proxy_pids)
+            held, held_ok = settled_pss(path.proxy_pids)
+            held_by = pss_by_process(path.proxy_pids())
         time.sleep(2.0)
-        after = median_pss(path.proxy_pids)
+        after, after_ok = settled_pss(path.proxy_pids)
         for key, value in (("f_idle", idle), ("f_held", held), ("f_after", after),
                            ("f_per_conn", (held - idle) / max(report["ok"], 1)),
                            ("f_ok", report["ok"])):
             out.setdefault(key, []).append(value)
+        unsettled = [name for name, ok in (("idle", idle_ok), ("held", held_ok),
+                                           ("after", after_ok)) if not ok]
+        if unsettled:
+            self.notes.append(f"{path.name}: (f) PSS did not settle within {SETTLE_MAX:g} s "
+                              f"({', '.join(unsettled)}): the last reading is reported")
         log(f"  (f) idle {idle} KiB, {report['ok']}/{n} held {held} KiB, after {after} KiB "
-            f"(errors {report['errors']})")
+            f"(errors {report['errors']}); by process, idle: " +
+            ", ".join(f"{name} {kb}" for name, kb in idle_by) + "; held: " +
+            ", ".join(f"{name} {kb}" for name, kb in held_by) + "; after: " +
+            ", ".join(f"{name} {kb}" for name, kb in pss_by_process(path.proxy_pids())))
 
     def flood(self, path: Path, out: dict[str, list[float]]) -> None:
         """(g) N concurrent connections: how many get their response within the deadline,
@@ -650,6 +706,11 @@ class Bench:
                 out.setdefault("one-tproxy", {})[target] = kb
                 log(f"  (h) one-tproxy, {target} bridges: {kb} KiB "
                     f"in {len(mesh.proxy_pids())} processes")
+                if self.ksm:
+                    with ksm_running():
+                        kb = median_pss(mesh.proxy_pids)
+                    out.setdefault(KSM_COLUMN, {})[target] = kb
+                    log(f"  (h) one-tproxy with KSM, {target} bridges: {kb} KiB")
                 mesh.deactivate()
             if haproxy is not None:
                 # Per-namespace haproxies sized as neutron sizes its metadata proxies
@@ -660,6 +721,53 @@ class Bench:
                 out.setdefault("haproxy", {})[target] = kb
                 log(f"  (h) haproxy, {target} bridges: {kb} KiB")
                 haproxy.deactivate()
+
+
+KSM = "/sys/kernel/mm/ksm"
+#: The (h) figures measured with KSM running.
+KSM_COLUMN = "one-tproxy, KSM"
+
+
+def _ksm(name: str, value: str | None = None) -> str:
+    path = os.path.join(KSM, name)
+    if value is not None:
+        with open(path, "w") as f:
+            f.write(value)
+    with open(path) as f:
+        return f.read().strip()
+
+
+@contextlib.contextmanager
+def ksm_running(timeout: float = 60.0) -> Iterator[None]:
+    """Run the kernel's same-page merging until it stops finding pages, then restore the host.
+
+    The mesh marks its memory mergeable (``tproxy.template.allow_page_merging``);
+    only processes that did so are scanned. Waits (bounded) until two full
+    scans in a row leave the number of merged pages within 1 %. The host's
+    settings (``run``, ``pages_to_scan``) are put back, also on an exception;
+    pages already merged stay merged until written.
+    """
+    old_run, old_scan = _ksm("run"), _ksm("pages_to_scan")
+    try:
+        _ksm("pages_to_scan", "2000")
+        _ksm("run", "1")
+        deadline = time.monotonic() + timeout
+        last = -1
+        scans = int(_ksm("full_scans"))
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now_scans = int(_ksm("full_scans"))
+            if now_scans < scans + 2:
+                continue
+            scans = now_scans
+            sharing = int(_ksm("pages_sharing"))
+            if last >= 0 and abs(sharing - last) <= 0.01 * max(last, 1):
+                break
+            last = sharing
+    finally:
+        _ksm("run", old_run)
+        _ksm("pages_to_scan", old_scan)
+    yield
 
 
 # --------------------------------------------------------------------------- profiling
@@ -885,6 +993,14 @@ def table(results: dict[str, dict[str, list[float]]], bridges: dict[str, dict[in
             else:
                 cells.append("not run")
         lines.append("| " + " | ".join(cells) + " |")
+    ksm = bridges.get(KSM_COLUMN, {})
+    for n in sorted(ksm):
+        lines.append(f"| (h) the same with KSM running, {n} bridge{'s' if n > 1 else ''}, MiB "
+                     f"| n/a | n/a | {ksm[n] / 1024:.1f} |")
+    if len(ksm) > 1:
+        lo, hi = min(ksm), max(ksm)
+        lines.append("| (h) PSS per extra bridge with KSM running, MiB | n/a | n/a | "
+                     f"{(ksm[hi] - ksm[lo]) / (hi - lo) / 1024:.2f} |")
     return "\n".join(lines)
 
 
@@ -1047,6 +1163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paths", help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--workloads", help="letters of the workloads to run (default abcdefgh)")
     parser.add_argument("--bridges", help="bridge counts for (h), e.g. 1,10,50")
+    parser.add_argument("--ksm", action="store_true",
+                        help="(h) also with the kernel's same-page merging running "
+                             "(switched on for the measurement, then restored)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--profile", metavar="DIR",
                         help="instead of the table: py-spy the mesh under (a) and (c), "
@@ -1070,7 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     cleanups = Cleanups()
-    bench = Bench(settings, cleanups)
+    bench = Bench(settings, cleanups, ksm=args.ksm and os.path.isdir(KSM))
     results: dict[str, dict[str, list[float]]] = {}
     bridge_pss: dict[str, dict[int, int]] = {}
     status = 0

@@ -50,6 +50,17 @@ class LatencyWindowTests(unittest.TestCase):
         self.assertEqual(w.total, 36.0)
         self.assertEqual(w.percentile(0.99), 3.0)
 
+    def test_samples_are_not_objects(self) -> None:
+        """Samples are kept as C doubles: the ring holds no Python object."""
+        from array import array
+
+        w = LatencyWindow(8)
+        for i in range(10):
+            w.record(i / 7)
+        self.assertIsInstance(w._samples, array)
+        self.assertEqual(w._samples.typecode, "d")
+        self.assertEqual(sorted(w.recent()), [i / 7 for i in range(2, 10)])
+
     def test_size_must_be_positive(self) -> None:
         """A window of no sample is refused."""
         self.assertRaises(ValueError, LatencyWindow, 0)

@@ -10,10 +10,85 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from tproxy.runtime import DaemonRuntime, MemoryReclaimer, _load_libc, _MallInfo2
+from tproxy.config import Config, ConfigError, load_config
+from tproxy.runtime import (
+    RACY_SECONDS,
+    ConfigCache,
+    DaemonRuntime,
+    MemoryReclaimer,
+    _load_libc,
+    _MallInfo2,
+)
 from tproxy.settings import Paths
 
 log = Logger(namespace="tests.runtime")
+
+
+class ConfigCacheTests(unittest.TestCase):
+    """The configuration file is read again only when it changed."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "one.conf")
+        self.now = 1_000_000.0
+        self.cache = ConfigCache(load_config, clock=lambda: self.now)
+
+    def write(self, text: str, age: float = 10.0) -> None:
+        """Write the file as modified ``age`` seconds before the cache's clock."""
+        with open(self.path, "w") as f:
+            f.write(text)
+        os.utime(self.path, (self.now - age, self.now - age))
+
+    def test_unchanged_file_is_not_read_again(self) -> None:
+        """The same Config comes back while the file is untouched."""
+        self.write(":tproxy_debug_level: 1\n")
+        first = self.cache(self.path)
+        self.assertIs(self.cache(self.path), first)
+        self.assertEqual((first.debug_level, self.cache.reads), (1, 1))
+
+    def test_changed_file_is_read(self) -> None:
+        """A new content (another size or time) is read."""
+        self.write(":tproxy_debug_level: 1\n")
+        self.cache(self.path)
+        self.write(":tproxy_debug_level: 3\n", age=5.0)
+        self.assertEqual(self.cache(self.path).debug_level, 3)
+        self.assertEqual(self.cache.reads, 2)
+
+    def test_recent_file_is_always_read(self) -> None:
+        """A file modified within RACY_SECONDS is read on every call."""
+        self.write(":tproxy_debug_level: 1\n", age=RACY_SECONDS / 2)
+        self.cache(self.path)
+        self.cache(self.path)
+        self.assertEqual(self.cache.reads, 2)
+
+    def test_errors_are_not_cached(self) -> None:
+        """A file that cannot be used raises on every call; a missing one too."""
+        self.write(":tproxy: 3\n")
+        self.assertRaises(ConfigError, self.cache, self.path)
+        self.assertRaises(ConfigError, self.cache, self.path)
+        os.remove(self.path)
+        self.assertRaises(ConfigError, self.cache, self.path)
+        self.assertEqual(self.cache.reads, 3)
+
+    def test_other_path_is_read(self) -> None:
+        """The cache holds one file: another path is read."""
+        loaded: list[str] = []
+
+        def load(path: str) -> Config:
+            loaded.append(path)
+            return Config(path)
+
+        cache = ConfigCache(load, clock=lambda: self.now)
+        self.write("")
+        other = os.path.join(self.dir, "other.conf")
+        with open(other, "w"):
+            pass
+        os.utime(other, (self.now - 10, self.now - 10))
+        cache(self.path)
+        cache(other)
+        cache(self.path)
+        self.assertEqual(loaded, [self.path, other, self.path])
 
 
 class DaemonRuntimeTests(unittest.TestCase):
@@ -142,6 +217,17 @@ class MemoryReclaimerTests(unittest.TestCase):
         r.check()
         self.assertEqual(collected, [15_400, 12_300])
         self.assertEqual(r.collections, 2)
+
+    def test_collects_after_a_slow_decline(self) -> None:
+        """Connections that close over several looks, each moving little, are collected."""
+        blocks = [10_000]
+        r, _, collected = self.reclaimer(None, blocks, collect_delta=500)
+        for _ in range(3):
+            blocks[0] -= 300
+            r.check()
+        self.assertEqual(collected, [9_400])
+        r.check()
+        self.assertEqual(collected, [9_400])
 
     def test_periodic(self) -> None:
         """Started, it looks every interval; stopped, never again."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 
 from twisted.trial import unittest
 
@@ -45,3 +46,112 @@ class TemplateTests(unittest.TestCase):
         self.assertIs(privileges.process_libc(), privileges._process_libc[0])
         self.assertEqual(len(runtime._libc), 1)
         self.assertIn("tproxy.privileges", template.PRELOAD)
+
+    def test_preload_reads_the_configuration_once(self) -> None:
+        """preload fills the configuration cache the inner proxies reuse."""
+        from tproxy import runtime
+
+        self.addCleanup(gc.unfreeze)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(":tproxy_debug_level: 3\n")
+        os.utime(path, (1, 1))
+        before = runtime.CONFIG_CACHE.reads
+        template.preload(("json",), warm=False, config=path)
+        self.assertEqual(runtime.CONFIG_CACHE(path).debug_level, 3)
+        self.assertEqual(runtime.CONFIG_CACHE.reads, before + 1)
+
+    def test_preload_survives_a_broken_configuration(self) -> None:
+        """A configuration that cannot be used is left to the inner proxy."""
+        self.addCleanup(gc.unfreeze)
+        template.preload(("json",), warm=False, config=os.path.abspath(self.mktemp()))
+
+    def test_fork_child(self) -> None:
+        """fork() makes a child (without the at-fork hooks when single-threaded)."""
+        import threading
+
+        pid, raw = template.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                template.after_raw_fork()
+            finally:
+                os._exit(7)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 7)
+        self.assertEqual(raw, threading.active_count() == 1)
+
+    def test_fork_with_threads_uses_os_fork(self) -> None:
+        """With another thread alive, fork() is os.fork() (the hooks run)."""
+        import threading
+
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        pid, raw = template.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0)
+        os.waitpid(pid, 0)
+        self.assertFalse(raw)
+
+    def test_allow_page_merging(self) -> None:
+        """The KSM opt-in works on kernels that know it and never raises."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child (the opt-in is for good)
+            try:
+                ok = template.allow_page_merging()
+                with open("/proc/self/smaps") as f:
+                    marked = " mg" in f.read()
+                os._exit(0 if ok == marked else 3)
+            finally:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+    def _in_child(self, check: Callable[[], bool]) -> None:
+        """Run ``check`` in a forked child (what it changes stays there); assert it held."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                code = 0 if check() else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+    def test_fill_pools(self) -> None:
+        """fill_pools takes free blocks of the pools in use (what remains is its own churn)."""
+
+        def check() -> bool:
+            before = sum(template._free_blocks().values())
+            made = template.fill_pools()
+            after = sum(template._free_blocks().values())
+            return made > 0 and after < before
+
+        self._in_child(check)
+
+    def test_fill_heap(self) -> None:
+        """After fill_heap the C heap holds fewer free bytes outside its top."""
+        from tproxy.runtime import _load_libc
+
+        libc = _load_libc()
+        if libc is None:
+            raise unittest.SkipTest("no glibc mallinfo2 here")
+
+        def holes() -> int:
+            info = libc.mallinfo2()
+            return int(info.fordblks) - int(info.keepcost)
+
+        def check() -> bool:
+            import ctypes
+
+            # Make a few holes first: blocks freed between blocks kept.
+            keep = [ctypes.create_string_buffer(4000) for _ in range(40)]
+            del keep[::2]
+            before = holes()
+            taken = template.fill_heap()
+            return taken > 0 and holes() < before
+
+        self._in_child(check)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,10 +54,13 @@ class MemoryReclaimer:
     allocates nothing, so none runs; and glibc keeps freed memory in its heap.
     Every ``interval`` seconds this looks at Python's allocated blocks
     (``sys.getallocatedblocks``, cheap): when they moved by more than
-    ``collect_delta`` since the last look (connections came or went), it runs
-    ``gc.collect()``. Then, when glibc's heap holds more than ``threshold``
-    free bytes (``mallinfo2``), it calls ``malloc_trim(0)``. A steady load
-    costs one cheap look per interval; without glibc only the collection runs.
+    ``collect_delta`` since the last collection (connections came or went),
+    it runs ``gc.collect()``. (Compared with the last collection, not with the
+    last look: 2,000 connections that close over several looks, each moving
+    less than ``collect_delta``, still get collected.) Then, when glibc's
+    heap holds more than ``threshold`` free bytes (``mallinfo2``), it calls
+    ``malloc_trim(0)``. A steady load costs one cheap look per interval;
+    without glibc only the collection runs.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class MemoryReclaimer:
         self._blocks = allocated_blocks
         self._collect = collect
         self._last_blocks = allocated_blocks()
+        """Allocated blocks right after the last collection (or at the start)."""
         self._loop = LoopingCall(self.check)
         self._loop.clock = reactor
 
@@ -98,8 +104,7 @@ class MemoryReclaimer:
         if abs(blocks - self._last_blocks) > self.collect_delta:
             self._collect()
             self.collections += 1
-            blocks = self._blocks()
-        self._last_blocks = blocks
+            self._last_blocks = self._blocks()
         if self._libc is not None and self.free_bytes() >= self.threshold:
             self._libc.malloc_trim(0)
             self.trims += 1
@@ -140,6 +145,63 @@ def _load_libc() -> Any:
     return _libc[0]
 
 
+#: A file modified less than this many seconds ago is never reused unread: a
+#: second write within the file system's timestamp granularity could keep the
+#: same stamp (git's "racy" files).
+RACY_SECONDS = 2.0
+
+
+def _stamp(path: str) -> tuple[int, ...] | None:
+    """What changes when ``path`` is replaced or written (None when it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ConfigCache:
+    """``load_config`` that reads a file again only when it changed since the last read.
+
+    Why: the template (``tproxy.template``) reads the configuration once
+    before it forks, and every inner proxy then reuses that Config instead of
+    running the YAML parser and the checks itself - about 0.4 MiB of private
+    memory per bridge that parsing copies (see docs/performance.md, "Memory
+    per bridge"). A reload (SIGHUP) reads the file again only when its
+    device, inode, size, mtime or ctime differ from the last read, or when it
+    was modified in the last :data:`RACY_SECONDS`. A file that cannot be used
+    is never cached: the error is raised again on every call.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], Config] = load_config,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._load = load
+        self._clock = clock
+        self._entry: tuple[str, tuple[int, ...], Config] | None = None
+        self.reads = 0
+        """How many times the file was really read (or tried)."""
+
+    def __call__(self, path: str) -> Config:
+        stamp = _stamp(path)
+        entry = self._entry
+        if stamp is not None and entry is not None and entry[:2] == (path, stamp):
+            return entry[2]
+        self._entry = None
+        self.reads += 1
+        config = self._load(path)
+        if stamp is not None and _stamp(path) == stamp:
+            if self._clock() - stamp[3] / 1e9 >= RACY_SECONDS:
+                self._entry = (path, stamp, config)
+        return config
+
+
+#: The process's one cache (filled in the template before it forks).
+CONFIG_CACHE = ConfigCache()
+
+
 class DaemonRuntime:
     """Limits, configuration and log file of one proxy process named ``name``."""
 
@@ -147,7 +209,7 @@ class DaemonRuntime:
         self,
         name: str,
         paths: Paths,
-        load: Callable[[str], Config] = load_config,
+        load: Callable[[str], Config] = CONFIG_CACHE,
     ) -> None:
         self.name = name
         self.paths = paths

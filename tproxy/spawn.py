@@ -65,14 +65,31 @@ def enter_netns(path: str) -> None:
             except OSError as e:
                 raise NamespaceError(e.errno, f"cannot enter network namespace {path}: {e}")
         else:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
+            if _libc_setns()(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise NamespaceError(
                     err, f"cannot enter network namespace {path}: {os.strerror(err)}"
                 )
     finally:
         os.close(fd)
+
+
+_setns: list[Any] = []
+
+
+def _libc_setns() -> Any:
+    """The C library's ``setns`` (Python 3.11 has no ``os.setns``), looked up once.
+
+    The template (``tproxy.template.preload``) looks it up before it forks:
+    making a ``ctypes.CDLL`` in every inner proxy copied ~0.3 MiB of shared
+    pages into each of them.
+    """
+    if not _setns:
+        setns = ctypes.CDLL(None, use_errno=True).setns
+        setns.restype = ctypes.c_int
+        setns.argtypes = [ctypes.c_int, ctypes.c_int]
+        _setns.append(setns)
+    return _setns[0]
 
 
 class InnerProcess(Protocol):

@@ -5,7 +5,14 @@ root instead starts this one process, which imports everything an inner proxy
 needs (without installing a reactor), freezes the garbage collector's view of
 those objects (``gc.freeze()``, so children do not dirty the shared pages) and
 then forks one child per inner proxy. A child shares the template's memory
-copy-on-write and only pays for what it changes.
+copy-on-write and only pays for what it changes. For the same reason the
+template reads the configuration file once (``tproxy.runtime.CONFIG_CACHE``:
+an inner proxy reuses that Config while the file is unchanged) and forks
+with the C library's ``fork()`` rather than ``os.fork()`` while it has one
+thread (:func:`fork` says why that is safe), fills the free space of its
+allocators first (:func:`fill_pools`, :func:`fill_heap`) and marks its
+memory mergeable for KSM (:func:`allow_page_merging`). Figures:
+docs/performance.md, "Memory per bridge and after close".
 
 Control protocol on fd 3 (a SOCK_SEQPACKET socket pair made by the root), one
 message per packet, ASCII:
@@ -24,7 +31,9 @@ install a reactor and enter a namespace as if it were a fresh process.
 
 from __future__ import annotations
 
+import _signal
 import argparse
+import ctypes
 import gc
 import importlib
 import os
@@ -32,6 +41,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -69,22 +79,152 @@ PRELOAD = (
 )
 
 
-def preload(modules: Sequence[str] = PRELOAD, warm: bool = True) -> None:
-    """Import ``modules`` (never the global reactor), warm up, collect, then freeze the GC."""
+def preload(
+    modules: Sequence[str] = PRELOAD, warm: bool = True, config: str | None = None
+) -> None:
+    """Import ``modules`` (never the global reactor), warm up, collect, then freeze the GC.
+
+    ``config``: the configuration file, read here once into
+    ``tproxy.runtime.CONFIG_CACHE`` so that every inner proxy reuses it while
+    the file is unchanged (a file that cannot be used is left to the inner
+    proxy, which logs why).
+    """
     had_reactor = "twisted.internet.reactor" in sys.modules
     for name in modules:
         importlib.import_module(name)
     if warm:
         warm_up()
     from tproxy.privileges import process_libc
-    from tproxy.runtime import _load_libc
+    from tproxy.runtime import CONFIG_CACHE, _load_libc
 
     _load_libc()
     process_libc()
+    _fork_function()
+    if not hasattr(os, "setns"):  # Python < 3.12: enter_netns goes through ctypes
+        from tproxy.spawn import _libc_setns
+
+        _libc_setns()
+    if config is not None:
+        from tproxy.config import ConfigError
+
+        try:
+            CONFIG_CACHE(config)
+        except ConfigError:
+            pass
+        _drop_buffered_log()
     if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
         raise RuntimeError("the template must not install a reactor")
     gc.collect()
+    fill_pools()
+    fill_heap()
     gc.freeze()
+
+
+#: Objects that fill the template's allocator pools (see :func:`fill_pools`); kept for good.
+_FILLER: list[object] = []
+
+
+def _free_blocks() -> dict[int, int]:
+    """Block size -> free blocks in pools in use, from CPython's ``sys._debugmallocstats()``."""
+    stats = getattr(sys, "_debugmallocstats", None)
+    if stats is None:  # pragma: no cover - not CPython
+        return {}
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(out.fileno(), 2)
+        try:
+            stats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read()
+    free: dict[int, int] = {}
+    for line in text.splitlines():
+        words = line.split()
+        # "class size num-pools blocks-in-use avail-blocks"
+        if len(words) == 5 and all(w.isdigit() for w in words):
+            free[int(words[1])] = int(words[4])
+    return free
+
+
+#: Chunks of the C heap taken by :func:`fill_heap`; never freed.
+_HEAP_FILLER: list[int] = []
+
+
+def fill_heap(budget: int = 20000) -> int:
+    """Take the free chunks inside the template's C heap; how many were taken.
+
+    Why: the same as :func:`fill_pools`, for glibc's heap (objects above 512
+    bytes, dict and list storage). Imports leave ~0.9 MB free in a few
+    hundred chunks spread over the template's heap; a child's ``malloc``
+    would reuse them and copy each page it lands on. Taken here, the child's
+    allocations come from the top of the heap, on pages of their own. Each
+    size from 64 KiB down to 32 bytes is taken while ``malloc`` serves it from
+    a free chunk (``mallinfo2``: free bytes not at the top shrink); one that
+    comes from the top is given back. Nothing is done without glibc.
+    """
+    from tproxy.runtime import _load_libc
+
+    libc = _load_libc()
+    if libc is None:  # pragma: no cover - not glibc
+        return 0
+    malloc, free = libc.malloc, libc.free
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+
+    def holes() -> int:
+        info = libc.mallinfo2()
+        return int(info.fordblks) - int(info.keepcost)
+
+    taken = 0
+    size = 1 << 16
+    while size >= 32 and budget > 0:
+        budget -= 1
+        before = holes()
+        pointer = malloc(size - 16)  # a chunk of ``size`` bytes with its header
+        if pointer and holes() < before:
+            _HEAP_FILLER.append(pointer)
+            taken += 1
+        else:
+            if pointer:
+                free(pointer)
+            size //= 2
+    return taken
+
+
+def _filler(size: int, i: int) -> object:
+    """A new object taking one ``size``-byte block (16, 32, or 48 and more)."""
+    if size == 16:
+        return object()
+    if size == 32:
+        return float(i) + 0.5
+    return bytes(size - 33)
+
+
+def fill_pools() -> int:
+    """Use up the free blocks of the allocator's pools in use; how many objects that took.
+
+    Why: a child's first allocations of each size would land in those
+    partly used pools of the template, and each one copies a whole 4 KiB
+    page to store a few dozen bytes. Filled, the child's objects go to pools
+    of their own, packed. (pymalloc's block sizes are multiples of 16 up to
+    512; a ``bytes`` of length n takes 33 + n bytes, ``object()`` 16 and a
+    ``float`` 24.) The filler stays alive and frozen for the template's life.
+    """
+    made = 0
+    for _ in range(3):  # filling frees a few blocks itself (temporaries): again
+        free = {size: n for size, n in _free_blocks().items() if n}
+        for size, count in sorted(free.items()):
+            if size == 16 or size == 32 or size >= 48:
+                _FILLER.extend(_filler(size, i) for i in range(count))
+                made += count
+        if sum(free.values()) < 64:
+            break
+    return made
 
 
 def warm_up() -> None:
@@ -124,13 +264,16 @@ def warm_up() -> None:
             ti.clear()
         reactor.callLater(0, reactor.stop)
         reactor.run(installSignalHandlers=False)
-    finally:
-        # What the warm-up logged must not be replayed into a child's log file.
-        from twisted.logger import globalLogBeginner
+        # The first log line: glibc reads the time zone (malloc'd state) and
+        # the formatting caches fill - once, here, not in every child.
+        from twisted.logger import LogLevel
 
-        buffered = getattr(getattr(globalLogBeginner, "_initialBuffer", None), "_buffer", None)
-        if buffered is not None:
-            buffered.clear()
+        from tproxy.logs import format_event_line
+
+        format_event_line({"log_format": "warm {x}", "x": 1, "log_level": LogLevel.info,
+                     "log_namespace": "warm", "log_time": 0.0})
+    finally:
+        _drop_buffered_log()
         for fd in (reactor._poller.fileno(),):
             os.close(fd)
         waker: object = getattr(reactor, "waker", None)
@@ -141,6 +284,75 @@ def warm_up() -> None:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def _drop_buffered_log() -> None:
+    """Forget what the template logged: it must not be replayed into a child's log file."""
+    from twisted.logger import globalLogBeginner
+
+    buffered = getattr(getattr(globalLogBeginner, "_initialBuffer", None), "_buffer", None)
+    if buffered is not None:
+        buffered.clear()
+
+
+_libc_fork: list[Callable[[], int] | None] = []
+
+
+def _fork_function() -> Callable[[], int] | None:
+    """The C library's ``fork()``, called with the GIL held (looked up once), or None."""
+    if not _libc_fork:
+        try:
+            fork = ctypes.PyDLL(None, use_errno=True).fork
+        except (OSError, AttributeError):  # pragma: no cover - not glibc-like
+            _libc_fork.append(None)
+        else:
+            fork.restype = ctypes.c_int
+            fork.argtypes = []
+            _libc_fork.append(fork)
+    return _libc_fork[0]
+
+
+def fork() -> tuple[int, bool]:
+    """Fork an inner proxy: ``(pid, hooks_skipped)``.
+
+    ``os.fork()`` runs CPython's at-fork work in the child: the C-level
+    re-initialisation of the runtime's locks and the Python hooks of
+    ``os.register_at_fork`` (``threading``, ``logging``, ``random``, ...).
+    Those hooks run code and touch objects nothing else in an inner proxy
+    touches, so each child copies ~0.5 MiB of the template's pages for them
+    (measured: a child that only sleeps holds 1.17 MiB of private memory
+    after ``os.fork()``, 0.61 MiB after this). So the template calls the C
+    library's ``fork()`` directly, through ``ctypes.PyDLL`` (the GIL stays
+    held across the call), and the child does itself what of that work it
+    needs (:func:`after_raw_fork`).
+
+    Why skipping the rest is safe here, and only here: the template has one
+    thread (checked on every call: with any other thread, or without the C
+    library's ``fork``, this falls back to ``os.fork()``), it forks from its
+    Python loop, never from inside an import, a logging call or a lock, so
+    no lock the hooks would re-initialise can be held; the child's one
+    thread is the template's main thread with the same ``pthread_self()``,
+    so ``threading``'s and the GIL's notion of the main thread stay true; the
+    child never returns into the template's loop and ends with
+    ``os._exit()``, so no interpreter shutdown runs over the skipped state.
+    What is not true in the child - the ``random`` module's state, shared
+    with the template and every sibling - is redone by :func:`after_raw_fork`.
+    """
+    raw = _fork_function()
+    if raw is None or threading.active_count() != 1 or len(sys._current_frames()) != 1:
+        return os.fork(), False
+    pid = raw()
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return pid, True
+
+
+def after_raw_fork() -> None:
+    """In a child of :func:`fork` that skipped the hooks: what must not be shared with siblings."""
+    import random
+
+    random.seed()  # a fresh seed from os.urandom: never the template's sequence
 
 
 class _WarmTransport:
@@ -195,6 +407,31 @@ class _WarmTransport:
 
     def stopProducing(self) -> None:
         pass
+
+
+#: prctl(2) option of Linux >= 6.4: make all of the process's anonymous memory
+#: (and its children's) mergeable by KSM.
+PR_SET_MEMORY_MERGE = 67
+
+
+def allow_page_merging() -> bool:
+    """Let the kernel's same-page merging (KSM) share identical pages of the inner proxies.
+
+    Measured (docs/performance.md, "Memory per bridge and after close"): of
+    the ~5.6 MiB an inner proxy copies from the template, ~92 % of the pages
+    end up byte-identical in every sibling (and a third identical to the
+    template's originals: a reference count raised and lowered again) -
+    copy-on-write copies them all the same, since CPython 3.11 writes a
+    reference count whenever it touches an object. KSM merges such pages
+    back. This only marks the memory (inherited across fork); nothing is
+    merged unless the administrator runs KSM (``/sys/kernel/mm/ksm/run``).
+    False when the kernel does not know the option (before 6.4) or refuses.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):  # pragma: no cover - not glibc-like
+        return False
 
 
 def resolve_entry(entry: str) -> Callable[[list[str]], int | None]:
@@ -263,13 +500,13 @@ class Template:
         _, seq, bridge = words
         link_fd = fds[0]
         try:
-            pid = os.fork()
+            pid, raw = fork()
         except OSError as e:
             os.close(link_fd)
             self._send(f"failed {seq} fork: {e.strerror}")
             return True
         if pid == 0:
-            self._child(bridge, link_fd)  # never returns
+            self._child(bridge, link_fd, raw)  # never returns
         os.close(link_fd)
         self.children.add(pid)
         self._send(f"started {seq} {pid}")
@@ -286,11 +523,21 @@ class Template:
             self.children.discard(pid)
             self._send(f"exited {pid} {status}")
 
-    def _child(self, bridge: str, link_fd: int) -> None:
+    def _child(self, bridge: str, link_fd: int, raw: bool = False) -> None:
         rc: int | None = 1
         try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if raw:
+                # A SIGCHLD the template caught just before the fork may still
+                # be pending for Python: run its (no-op) handler now, while it
+                # is installed (pthread_sigmask checks for pending signals).
+                _signal.pthread_sigmask(_signal.SIG_BLOCK, ())
+                after_raw_fork()
+            # ``_signal``, not ``signal``: the latter's wrappers turn the old
+            # handler into an enum member, and that failing lookup (the old
+            # handler is a function) runs enum code that costs every child
+            # ~0.2 MiB of copied pages.
+            _signal.set_wakeup_fd(-1)
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             self._selector.close()
             self.control.close()
             os.close(self._rfd)
@@ -331,8 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import setproctitle
 
     setproctitle.setproctitle(TITLE)
+    allow_page_merging()
     entry = resolve_entry(args.entry)
-    preload()
+    preload(config=args.config)
     inner_args = ["--config", args.config, "--log-dir", args.log_dir, "--run-dir", args.run_dir]
     return Template(control, entry, inner_args).serve()
 
