@@ -23,6 +23,7 @@ import itertools
 import json
 import struct
 import types
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -50,7 +51,7 @@ from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
 from tproxy.protocol.connection import Connection, ProtocolError, Role, StreamState
-from tproxy.protocol.frames import DEFAULT_WINDOW, Reason
+from tproxy.protocol.frames import DEFAULT_WINDOW, Chunk, Reason
 
 #: Seconds between PINGs on an idle or busy link.
 PING_INTERVAL = 10.0
@@ -90,7 +91,12 @@ def _idle(t: Any) -> bool:
     )
 
 
-def _write_now(t: Any, sock: Any, data: bytes) -> None:
+def _as_bytes(data: Chunk) -> bytes:
+    """``bytes`` of a chunk that has to wait in Twisted's buffer (which takes nothing else)."""
+    return data if type(data) is bytes else bytes(data)
+
+
+def _write_now(t: Any, sock: Any, data: Chunk) -> None:
     """``t.write(data)``, but straight to the socket while nothing is queued.
 
     Twisted's ``write`` only queues: the bytes leave one reactor turn later,
@@ -105,10 +111,10 @@ def _write_now(t: Any, sock: Any, data: bytes) -> None:
         if n == len(data):
             return
         data = data[n:]
-    t.write(data)
+    t.write(_as_bytes(data))
 
 
-def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
+def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
     """``t.writeSequence(chunks)``, gathered into one ``sendmsg`` while nothing is queued."""
     if sock is not None and len(chunks) <= _MAX_IOV and _idle(t):
         try:
@@ -123,7 +129,7 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
                 n -= len(c)
             else:
                 return
-    t.writeSequence(chunks)
+    t.writeSequence([_as_bytes(c) for c in chunks])
 
 #: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
 #: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
@@ -321,7 +327,7 @@ class _StreamProtocol(Protocol):
 
     # -- the link's side
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: Chunk) -> None:
         """Stream data from the link: write it, credit it now or when the socket drains."""
         self.received += len(data)
         self.active = True
@@ -330,6 +336,19 @@ class _StreamProtocol(Protocol):
             self._withheld += len(data)
         else:
             self.link.conn.consumed(self.stream_id, len(data))
+
+    def deliver_all(self, chunks: list[Chunk]) -> None:
+        """Consecutive DATA payloads of one link read: one ``sendmsg``, one credit."""
+        n = 0
+        for c in chunks:
+            n += len(c)
+        self.received += n
+        self.active = True
+        _write_sequence_now(self.transport, self._sock, chunks)
+        if self._tcp_full:
+            self._withheld += n
+        else:
+            self.link.conn.consumed(self.stream_id, n)
 
     def close_write(self) -> None:
         """The peer's FIN: shut down our socket's write side once its buffer is out."""
@@ -397,6 +416,10 @@ class LinkProtocol(Protocol):
         self._link_paused = False
         self._resume_turn = 0
         self._sock: Any = None
+        # The link's own write queue (real sockets only; see ``flush``).
+        self._wq: deque[Chunk] = deque()
+        self._wq_len = 0
+        self._wq_paused = False
         self._lost = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -423,6 +446,7 @@ class LinkProtocol(Protocol):
             # The link carries no file descriptors: a plain recv() instead of the
             # UNIX transport's recvmsg() (ancillary buffer, a tuple per read).
             t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
+            t.doWrite = self._make_do_write(t.doWrite)  # type: ignore[method-assign]
         self._sock = _socket_of(t)
         t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
@@ -430,12 +454,87 @@ class LinkProtocol(Protocol):
             self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
 
     def flush(self) -> None:
-        """Write what the connection queued."""
-        if self.transport is None or self._lost:
+        """Write what the connection queued.
+
+        On a real socket the link keeps its own write queue instead of
+        Twisted's buffer (which takes only ``bytes``, joins everything queued
+        into one string on each write-ready and sends at most 128 KiB per
+        reactor turn): frame headers and payload views go out gathered, up to
+        ``_MAX_IOV`` buffers per ``sendmsg``, with no copy; what the socket
+        does not take waits as views, and the transport's ``doWrite`` sends
+        it first. Beyond ``LINK_HIGH_WATER`` queued bytes the link's TCP
+        sockets are paused, as Twisted's producer machinery would.
+        """
+        t = self.transport
+        if t is None or self._lost:
             return
         chunks = self.conn.data_to_send()
-        if chunks:
-            _write_sequence_now(self.transport, self._sock, chunks)
+        if not chunks:
+            return
+        if self._sock is None:  # a fake transport (tests)
+            t.writeSequence([_as_bytes(c) for c in chunks])
+            return
+        wq = self._wq
+        busy = bool(wq)
+        wq.extend(chunks)
+        for c in chunks:
+            self._wq_len += len(c)
+        if not busy:
+            if not self._drain():
+                t.abortConnection()  # type: ignore[attr-defined]
+                return
+            if not wq:
+                return
+            t.startWriting()  # type: ignore[attr-defined]
+        if self._wq_len > LINK_HIGH_WATER and not self._wq_paused:
+            self._wq_paused = True
+            self._set_link_paused(True)
+
+    def _drain(self) -> bool:
+        """Send from the write queue until it is empty or the socket is full; False on error."""
+        wq = self._wq
+        sendmsg = self._sock.sendmsg
+        while wq:
+            batch = list(itertools.islice(wq, _MAX_IOV)) if len(wq) > _MAX_IOV else list(wq)
+            try:
+                n = sendmsg(batch)
+            except BlockingIOError:
+                return True
+            except OSError:
+                wq.clear()
+                self._wq_len = 0
+                return False
+            self._wq_len -= n
+            for c in batch:
+                k = len(c)
+                if n < k:
+                    if n:
+                        wq[0] = memoryview(c)[n:]
+                    return True  # the socket is full
+                n -= k
+                wq.popleft()
+        return True
+
+    def _make_do_write(self, twisted_do_write: Callable[[], Any]) -> Callable[[], Any]:
+        """The link transport's ``doWrite``: the link's queue first, then Twisted's own.
+
+        Twisted's buffer stays empty on a real socket, so its ``doWrite``
+        only does the bookkeeping: stop writing, close after
+        ``loseConnection``.
+        """
+
+        def do_write() -> Any:
+            if self._wq:
+                if not self._drain():
+                    return ierror.ConnectionLost("writing to the link failed")
+                if self._wq:
+                    return None
+                if self._wq_paused:
+                    self._wq_paused = False
+                    self._set_link_paused(False)
+            return twisted_do_write()
+
+        return do_write
 
     def dataReceived(self, data: bytes) -> None:
         if self.conn.terminated or self._lost:
@@ -453,13 +552,29 @@ class LinkProtocol(Protocol):
             self._close()
             return
         streams = self._streams
+        # Consecutive DATA of one stream (a link read carries up to 16 frames of a
+        # bulk stream) is written to its socket with one sendmsg.
+        batch_s: _StreamProtocol | None = None
+        batch: list[Chunk] = []
         for event in events:
             if type(event) is ev.DataReceived:
                 s = streams.get(event.stream_id)
-                if s is not None:
-                    s.deliver(event.data)
+                if s is None:
+                    continue
+                if s is batch_s:
+                    batch.append(event.data)
+                    continue
+                if batch_s is not None:
+                    batch_s.deliver_all(batch)
+                batch_s = s
+                batch = [event.data]
             else:
+                if batch_s is not None:
+                    batch_s.deliver_all(batch)
+                    batch_s = None
                 self._event(event)
+        if batch_s is not None:
+            batch_s.deliver_all(batch)
         self.flush()
         self._maybe_close()
 
@@ -506,6 +621,8 @@ class LinkProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost = True
+        self._wq.clear()
+        self._wq_len = 0
         for call in (self._ping_call, self._pong_deadline):
             if call is not None and call.active():
                 call.cancel()
