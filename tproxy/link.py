@@ -19,18 +19,21 @@ Reactor and endpoints are injected; nothing here imports the global reactor.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
+import socket
 import struct
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import (
@@ -136,6 +139,31 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
 #: frame); also the size of each read from the UNIX socket.
 LINK_HIGH_WATER = 1 << 20
 
+#: ``SO_SNDBUF`` of a link's socket (the kernel doubles it; the default, about
+#: 208 KiB, filled within each bulk read: more wake-ups, smaller reads for the peer).
+LINK_SNDBUF = 1 << 19
+
+_splice = getattr(os, "splice", None)  # Python 3.10+, Linux
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: Most bytes one splice moves from a stream's socket into the link's pipe (the pipe's size).
+SPLICE_READ = 1 << 18
+
+
+class _Piped:
+    """Stream bytes waiting in the link's pipe: the payload of one DATA frame in the queue.
+
+    ``_drain`` splices them from the pipe into the link when their turn comes;
+    the frame's header (bytes) is the queue entry before it.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
 #: Refusals a root link logs one by one per second; beyond that they are counted
 #: and summed up in one line (a hostile inner must not be able to flood the log).
 REFUSAL_LOG_BURST = 20
@@ -230,6 +258,7 @@ class _StreamProtocol(Protocol):
         self._tcp_full = False
         self._withheld = 0
         self._sock: Any = None
+        self._tcp_do_read: Callable[[], Any] | None = None
         self.sent = 0  # TCP -> link
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
@@ -282,6 +311,10 @@ class _StreamProtocol(Protocol):
             # Read up to 256 KiB per wake-up (Twisted: 64 KiB), and queue as much
             # before the socket counts as full and credit is withheld.
             self.transport.bufferSize = STREAM_BUFFER  # type: ignore[union-attr]
+            if _splice is not None and self.link._sock is not None:
+                t: Any = self.transport
+                self._tcp_do_read = t.doRead
+                t.doRead = self._splice_read
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reading = True
         self.link._tcp_connected(self)
@@ -297,6 +330,57 @@ class _StreamProtocol(Protocol):
         if conn.buffered(self.stream_id):
             self.set_pause(_PAUSE_WINDOW)
         link.flush()
+
+    def _splice_read(self) -> Any:
+        """The TCP transport's ``doRead`` on a real link: the socket's bytes spliced, not read.
+
+        While the link's pipe is empty (nothing of it waits for the link) and
+        the send window is open, up to ``min(window, SPLICE_READ)`` bytes move
+        from the socket into the pipe without entering the process; each
+        frame's header is queued with a ``_Piped`` placeholder, and
+        ``LinkProtocol._drain`` splices the bytes on into the link in their
+        turn. Otherwise (pipe busy, window spent, stream not sending) it is
+        Twisted's own ``doRead``, i.e. ``dataReceived``. Returns what
+        ``doRead`` returns: None, or the reason the connection ended.
+        """
+        link = self.link
+        conn = link.conn
+        sid = self.stream_id
+        assert self._tcp_do_read is not None
+        if link._piped or self.ended or link._lost:
+            return self._tcp_do_read()
+        window = conn.send_window(sid)
+        state = conn.stream_state(sid)
+        if (
+            window <= 0
+            or conn.buffered(sid)
+            or (state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_REMOTE)
+        ):
+            return self._tcp_do_read()
+        pipe_in = link._pipe_in()
+        if pipe_in < 0:
+            return self._tcp_do_read()
+        assert _splice is not None
+        try:
+            n = _splice(self._sock.fileno(), pipe_in, min(window, SPLICE_READ), flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        self.sent += n
+        self.active = True
+        link._piped += n
+        limit = conn.max_payload
+        while n > 0:
+            k = n if n < limit else limit
+            conn.send_frame(sid, cast(Chunk, _Piped(k)))
+            n -= k
+        if conn.send_window(sid) <= 0 and conn.notify_writable(sid):
+            self.set_pause(_PAUSE_WINDOW)
+        link.flush()
+        return None
 
     def readConnectionLost(self) -> None:
         """The TCP peer sent FIN: carry it as HALF_CLOSE."""
@@ -420,6 +504,10 @@ class LinkProtocol(Protocol):
         self._wq: deque[Chunk] = deque()
         self._wq_len = 0
         self._wq_paused = False
+        # The pipe that streams' bytes are spliced through (``_splice_read``), once
+        # needed; (-1, -1) when none can be had. ``_piped``: bytes in it.
+        self._pipe: tuple[int, int] | None = None
+        self._piped = 0
         self._lost = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -448,6 +536,11 @@ class LinkProtocol(Protocol):
             t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
             t.doWrite = self._make_do_write(t.doWrite)  # type: ignore[method-assign]
         self._sock = _socket_of(t)
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_SNDBUF)
+            except OSError:
+                pass
         t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
         if self._ping_interval is not None:
@@ -490,14 +583,53 @@ class LinkProtocol(Protocol):
             self._wq_paused = True
             self._set_link_paused(True)
 
-    def _drain(self) -> bool:
-        """Send from the write queue until it is empty or the socket is full; False on error."""
-        wq = self._wq
-        sendmsg = self._sock.sendmsg
-        while wq:
-            batch = list(itertools.islice(wq, _MAX_IOV)) if len(wq) > _MAX_IOV else list(wq)
+    def _pipe_in(self) -> int:
+        """The write end of the link's splice pipe (made on first use), or -1 if there is none."""
+        if self._pipe is None:
             try:
-                n = sendmsg(batch)
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                self._pipe = (-1, -1)
+            else:
+                self._pipe = (r, w)
+                try:
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, SPLICE_READ)
+                except OSError:
+                    pass  # the default 64 KiB: smaller splices
+        return self._pipe[1]
+
+    def _close_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        self._piped = 0
+        if pipe is not None and pipe[0] >= 0:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def _drain(self) -> bool:
+        """Send from the write queue until it is empty or the socket is full; False on error.
+
+        Runs of bytes go out gathered by ``sendmsg``; a ``_Piped`` entry is
+        spliced from the pipe (partly, if the socket fills, and finished first
+        on the next call).
+        """
+        wq = self._wq
+        sock = self._sock
+        sendmsg = sock.sendmsg
+        while wq:
+            first = wq[0]
+            piped = type(first) is _Piped
+            batch: list[Chunk] = []
+            if not piped:
+                for c in wq:
+                    if type(c) is _Piped or len(batch) == _MAX_IOV:
+                        break
+                    batch.append(c)
+            try:
+                if piped:
+                    assert _splice is not None and self._pipe is not None
+                    n = _splice(self._pipe[0], sock.fileno(), len(first), flags=_SPLICE_FLAGS)
+                else:
+                    n = sendmsg(batch)
             except BlockingIOError:
                 return True
             except OSError:
@@ -505,6 +637,14 @@ class LinkProtocol(Protocol):
                 self._wq_len = 0
                 return False
             self._wq_len -= n
+            if piped:
+                assert isinstance(first, _Piped)
+                first.n -= n
+                self._piped -= n
+                if first.n:
+                    return True  # the socket is full
+                wq.popleft()
+                continue
             for c in batch:
                 k = len(c)
                 if n < k:
@@ -623,6 +763,7 @@ class LinkProtocol(Protocol):
         self._lost = True
         self._wq.clear()
         self._wq_len = 0
+        self._close_pipe()
         for call in (self._ping_call, self._pong_deadline):
             if call is not None and call.active():
                 call.cancel()

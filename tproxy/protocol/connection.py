@@ -376,6 +376,44 @@ class Connection:
         st.pending_len += n
         self._flush(stream_id, st)
 
+    def send_frame(self, stream_id: int, payload: frames.Chunk) -> None:
+        """Queue ``payload`` as exactly one DATA frame, never as pending data.
+
+        For a caller that sizes its reads to the window itself: a zero-copy
+        writer passes a placeholder whose ``len`` is the payload's length and
+        writes the bytes itself where the placeholder comes out of
+        ``data_to_send`` (the connection never looks inside a payload it
+        does not split). It must fit the send window and one frame, with
+        nothing pending; else ``UsageError``.
+        """
+        st = self._command_stream(stream_id)
+        if st is None:
+            return
+        n = len(payload)
+        if (
+            st.fin_queued
+            or (st.state is not S.OPEN and st.state is not S.HALF_CLOSED_REMOTE)
+            or st.pending is not None
+            or not 0 < n <= min(st.send_window, self.max_payload)
+        ):
+            raise UsageError(f"stream {stream_id}: no frame of {n} bytes fits now")
+        st.send_window -= n
+        self._out.append(_HEADER_PACK(_DATA, 0, stream_id, n))
+        self._out.append(payload)
+
+    def notify_writable(self, stream_id: int) -> bool:
+        """Ask for a ``StreamWritable`` once a spent send window opens again.
+
+        For a caller that never sends beyond the window (``send_frame``) and so
+        has nothing pending to wait on. False when the window is open now.
+        """
+        st = self._command_stream(stream_id)
+        if st is None or st.send_window > 0:
+            return False
+        if st.pending is None:
+            st.pending = deque()  # empty: the next WINDOW_UPDATE flushes it and says so
+        return True
+
     def _flush(self, stream_id: int, st: _Stream) -> bool:
         """Frame as much pending data as the window allows; True when none is left."""
         pending = st.pending
