@@ -119,6 +119,33 @@ def _drain(sock: socket.socket, total: int) -> int:
     return got
 
 
+def _recv_exact(sock: socket.socket, n: int) -> None:
+    while n:
+        got = len(sock.recv(n))
+        if not got:
+            raise EOFError
+        n -= got
+
+
+def _requests(guest_port: int, sink: socket.socket, count: int) -> float:
+    """``count`` request/response round trips of 100 bytes each way on one connection."""
+    guest = socket.create_connection(("127.0.0.1", guest_port))
+    service, _ = sink.accept()
+    for s in (guest, service):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = b"r" * 100
+    t0 = time.perf_counter()
+    for _ in range(count):
+        guest.sendall(msg)
+        _recv_exact(service, 100)
+        service.sendall(msg)
+        _recv_exact(guest, 100)
+    dt = time.perf_counter() - t0
+    guest.close()
+    service.close()
+    return dt
+
+
 def _one(guest_port: int, sink: socket.socket, total: int, upload: bool) -> tuple[float, int]:
     guest = socket.create_connection(("127.0.0.1", guest_port))
     service, _ = sink.accept()
@@ -139,6 +166,12 @@ def main() -> int:
     ap.add_argument("--megabytes", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--direction", choices=("up", "down", "both"), default="both")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="also N keep-alive round trips of 100 bytes: CPU per request (workload c)",
+    )
     args = ap.parse_args()
     total = args.megabytes * 1_000_000
 
@@ -186,6 +219,17 @@ def main() -> int:
                 f"| {statistics.median(cr):.2f} | {statistics.median(fi):.1f} "
                 f"| {statistics.median(fr):.1f} | {' '.join(f'{x:.2f}' for x in rates)} |"
             )
+        if args.requests:
+            print()
+            print("| round trips | per second | inner CPU µs/request | root CPU µs/request |")
+            print("|---:|---:|---:|---:|")
+            for _ in range(args.reps):
+                (i0, _f), (r0, _f) = _cpu(inner), _cpu(root)
+                dt = _requests(guest_port, sink, args.requests)
+                (i1, _f), (r1, _f) = _cpu(inner), _cpu(root)
+                k = args.requests
+                us_inner, us_root = (i1 - i0) / k * 1e6, (r1 - r0) / k * 1e6
+                print(f"| {k} | {k / dt:.0f} | {us_inner:.1f} | {us_root:.1f} |")
     finally:
         for pid in (inner, root):
             try:

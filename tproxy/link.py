@@ -147,6 +147,10 @@ _splice = getattr(os, "splice", None)  # Python 3.10+, Linux
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 #: Most bytes one splice moves from a stream's socket into the link's pipe (the pipe's size).
 SPLICE_READ = 1 << 18
+#: A read of at least this many bytes puts a stream in bulk mode (splice), a
+#: splice of fewer takes it out: for small reads (requests, responses) splicing
+#: costs one more system call than it saves copying.
+BULK_READ = 1 << 16
 
 
 class _Piped:
@@ -259,6 +263,7 @@ class _StreamProtocol(Protocol):
         self._withheld = 0
         self._sock: Any = None
         self._tcp_do_read: Callable[[], Any] | None = None
+        self._bulk = False  # splice reads (see _splice_read)
         self.sent = 0  # TCP -> link
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
@@ -323,8 +328,10 @@ class _StreamProtocol(Protocol):
         link = self.link
         if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
             return
-        self.sent += len(data)
+        n = len(data)
+        self.sent += n
         self.active = True
+        self._bulk = n >= BULK_READ
         conn = link.conn
         conn.send_data(self.stream_id, data)
         if conn.buffered(self.stream_id):
@@ -334,8 +341,9 @@ class _StreamProtocol(Protocol):
     def _splice_read(self) -> Any:
         """The TCP transport's ``doRead`` on a real link: the socket's bytes spliced, not read.
 
-        While the link's pipe is empty (nothing of it waits for the link) and
-        the send window is open, up to ``min(window, SPLICE_READ)`` bytes move
+        In bulk mode (the last read was at least ``BULK_READ`` bytes), while
+        the link's pipe is empty (nothing of it waits for the link) and the
+        send window is open, up to ``min(window, SPLICE_READ)`` bytes move
         from the socket into the pipe without entering the process; each
         frame's header is queued with a ``_Piped`` placeholder, and
         ``LinkProtocol._drain`` splices the bytes on into the link in their
@@ -347,7 +355,7 @@ class _StreamProtocol(Protocol):
         conn = link.conn
         sid = self.stream_id
         assert self._tcp_do_read is not None
-        if link._piped or self.ended or link._lost:
+        if not self._bulk or link._piped or self.ended or link._lost:
             return self._tcp_do_read()
         window = conn.send_window(sid)
         state = conn.stream_state(sid)
@@ -371,6 +379,7 @@ class _StreamProtocol(Protocol):
             return main.CONNECTION_DONE
         self.sent += n
         self.active = True
+        self._bulk = n >= BULK_READ
         link._piped += n
         limit = conn.max_payload
         while n > 0:
