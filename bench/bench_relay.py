@@ -179,6 +179,12 @@ def main() -> int:
     sink.bind(("127.0.0.1", 0))
     sink.listen(8)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:  # the socket buffers the root gives a link's socket pair
+        from tproxy.root import _size_link_buffers
+
+        _size_link_buffers(a, b)
+    except ImportError:
+        pass
     a.setblocking(False)
     b.setblocking(False)
     r, w = os.pipe()

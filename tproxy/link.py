@@ -23,7 +23,6 @@ import fcntl
 import itertools
 import json
 import os
-import socket
 import struct
 import types
 from collections import deque
@@ -138,10 +137,6 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
 #: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
 #: frame); also the size of each read from the UNIX socket.
 LINK_HIGH_WATER = 1 << 20
-
-#: ``SO_SNDBUF`` of a link's socket (the kernel doubles it; the default, about
-#: 208 KiB, filled within each bulk read: more wake-ups, smaller reads for the peer).
-LINK_SNDBUF = 1 << 19
 
 _splice = getattr(os, "splice", None)  # Python 3.10+, Linux
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -545,11 +540,6 @@ class LinkProtocol(Protocol):
             t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
             t.doWrite = self._make_do_write(t.doWrite)  # type: ignore[method-assign]
         self._sock = _socket_of(t)
-        if self._sock is not None:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_SNDBUF)
-            except OSError:
-                pass
         t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
         if self._ping_interval is not None:
