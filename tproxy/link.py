@@ -427,6 +427,9 @@ class _StreamProtocol(Protocol):
 
     def deliver_all(self, chunks: list[Chunk]) -> None:
         """Consecutive DATA payloads of one link read: one ``sendmsg``, one credit."""
+        if len(chunks) == 1:
+            self.deliver(chunks[0])  # a plain send (keep-alive requests, responses)
+            return
         n = 0
         for c in chunks:
             n += len(c)
