@@ -161,6 +161,66 @@ def _one(guest_port: int, sink: socket.socket, total: int, upload: bool) -> tupl
     return dt, got
 
 
+def in_process(count: int) -> float:
+    """``count`` round trips of 100 bytes through an inner and a root link in *this* process.
+
+    Guest, service and both links share one reactor and real sockets (loopback
+    TCP, a UNIX socket pair), so ``valgrind --tool=callgrind`` can count the
+    instructions of the whole request path, which the machine's load does not
+    move. Returns the seconds it took.
+    """
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+    from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+    from tproxy.config import Limits
+    from tproxy.link import InnerLink, RootLink
+    from tproxy.model import Destination
+    from tproxy.root import adopt_with
+
+    r: Any = reactor
+    msg = b"r" * 100
+
+    class Service(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(msg)  # type: ignore[union-attr]
+
+    class Guest(Protocol):
+        left = count
+
+        def connectionMade(self) -> None:
+            self.transport.write(msg)  # type: ignore[union-attr]
+
+        def dataReceived(self, data: bytes) -> None:
+            self.left -= 1
+            if self.left:
+                self.transport.write(msg)  # type: ignore[union-attr]
+            else:
+                r.stop()
+
+    class One(ClientFactory):
+        def buildProtocol(self, addr: Any) -> Protocol:
+            return Guest()
+
+    service = r.listenTCP(0, Factory.forProtocol(Service), interface="127.0.0.1")
+    dest = Destination("127.0.0.1", service.getHost().port)
+    root = RootLink(r, "bench", lambda port: dest, Limits(), ping_interval=None)
+    inner = InnerLink(r, lambda ports: None, ping_interval=None, stats_interval=None)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s, link in ((a, root), (b, inner)):
+        s.setblocking(False)
+        adopt_with(r)(s.fileno(), link)
+        s.close()
+    guests = r.listenTCP(0, inner.guest_factory(SERVICE_PORT), interface="127.0.0.1")
+    r.connectTCP("127.0.0.1", guests.getHost().port, One())
+    t0, c0 = time.perf_counter(), time.process_time()
+    r.run()
+    print(f"CPU {time.process_time() - c0:.2f} s")
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--megabytes", type=int, default=2000)
@@ -172,7 +232,18 @@ def main() -> int:
         default=0,
         help="also N keep-alive round trips of 100 bytes: CPU per request (workload c)",
     )
+    ap.add_argument(
+        "--in-process",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only N round trips with everything in this process (for callgrind)",
+    )
     args = ap.parse_args()
+    if args.in_process:
+        dt = in_process(args.in_process)
+        print(f"{args.in_process} round trips in one process: {dt:.2f} s")
+        return 0
     total = args.megabytes * 1_000_000
 
     sink = socket.socket()

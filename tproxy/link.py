@@ -257,7 +257,7 @@ class _StreamProtocol(Protocol):
         self._tcp_full = False
         self._withheld = 0
         self._sock: Any = None
-        self._tcp_do_read: Callable[[], Any] | None = None
+        self._tcp_do_read: Callable[[], Any] | None = None  # set: splicing possible
         self._bulk = False  # splice reads (see _splice_read)
         self.sent = 0  # TCP -> link
         self.active = True  # data moved since the last idle sweep
@@ -312,9 +312,7 @@ class _StreamProtocol(Protocol):
             # before the socket counts as full and credit is withheld.
             self.transport.bufferSize = STREAM_BUFFER  # type: ignore[union-attr]
             if _splice is not None and self.link._sock is not None:
-                t: Any = self.transport
-                self._tcp_do_read = t.doRead
-                t.doRead = self._splice_read
+                self._tcp_do_read = self.transport.doRead  # type: ignore[union-attr]
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reading = True
         self.link._tcp_connected(self)
@@ -326,12 +324,26 @@ class _StreamProtocol(Protocol):
         n = len(data)
         self.sent += n
         self.active = True
-        self._bulk = n >= BULK_READ
+        if (n >= BULK_READ) is not self._bulk and self._tcp_do_read is not None:
+            self._set_bulk(not self._bulk)
         conn = link.conn
         conn.send_data(self.stream_id, data)
         if conn.buffered(self.stream_id):
             self.set_pause(_PAUSE_WINDOW)
         link.flush()
+
+    def _set_bulk(self, bulk: bool) -> None:
+        """Enter or leave bulk mode: the transport's ``doRead`` is ``_splice_read`` in it.
+
+        Outside it the transport reads with Twisted's own ``doRead`` and no
+        wrapper, so a keep-alive stream pays nothing for splicing.
+        """
+        self._bulk = bulk
+        t: Any = self.transport
+        if bulk:
+            t.doRead = self._splice_read
+        elif "doRead" in t.__dict__:
+            del t.doRead
 
     def _splice_read(self) -> Any:
         """The TCP transport's ``doRead`` on a real link: the socket's bytes spliced, not read.
@@ -350,7 +362,7 @@ class _StreamProtocol(Protocol):
         conn = link.conn
         sid = self.stream_id
         assert self._tcp_do_read is not None
-        if not self._bulk or link._piped or self.ended or link._lost:
+        if link._piped or self.ended or link._lost:
             return self._tcp_do_read()
         window = conn.send_window(sid)
         state = conn.stream_state(sid)
@@ -374,7 +386,8 @@ class _StreamProtocol(Protocol):
             return main.CONNECTION_DONE
         self.sent += n
         self.active = True
-        self._bulk = n >= BULK_READ
+        if n < BULK_READ:
+            self._set_bulk(False)
         link._piped += n
         limit = conn.max_payload
         while n > 0:
