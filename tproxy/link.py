@@ -584,11 +584,37 @@ class LinkProtocol(Protocol):
             return
         wq = self._wq
         busy = bool(wq)
+        full = False
+        if not busy and len(chunks) <= _MAX_IOV:
+            # The common case, inlined: nothing queued, send at once.
+            try:
+                n = self._sock.sendmsg(chunks)
+                full = True  # unless all of it went
+            except BlockingIOError:
+                n = 0
+                full = True
+            except TypeError:  # a _Piped among the chunks: _drain splices it
+                n = 0
+            except OSError:
+                t.abortConnection()  # type: ignore[attr-defined]
+                return
+            i = 0
+            for c in chunks:
+                k = len(c)
+                if n < k:
+                    break
+                n -= k
+                i += 1
+            else:
+                return
+            chunks = chunks[i:]
+            if n:
+                chunks[0] = memoryview(c)[n:]
         wq.extend(chunks)
         for c in chunks:
             self._wq_len += len(c)
         if not busy:
-            if not self._drain():
+            if not full and not self._drain():
                 t.abortConnection()  # type: ignore[attr-defined]
                 return
             if not wq:
