@@ -345,11 +345,15 @@ class _StreamProtocol(Protocol):
         wrapper, so a keep-alive stream pays nothing for splicing.
         """
         self._bulk = bulk
+        link = self.link
+        link._bulk_streams += 1 if bulk else -1
         t: Any = self.transport
         if bulk:
             t.doRead = self._splice_read
-        elif "doRead" in t.__dict__:
-            del t.doRead
+        else:
+            if "doRead" in t.__dict__:
+                del t.doRead
+            link._release_pipe()
 
     def _splice_read(self) -> Any:
         """The TCP transport's ``doRead`` on a real link: the socket's bytes spliced, not read.
@@ -392,9 +396,9 @@ class _StreamProtocol(Protocol):
             return main.CONNECTION_DONE
         self.sent += n
         self.active = True
+        link._piped += n  # before leaving bulk mode, which closes an empty pipe
         if n < BULK_READ:
             self._set_bulk(False)
-        link._piped += n
         limit = conn.max_payload
         while n > 0:
             k = n if n < limit else limit
@@ -442,6 +446,8 @@ class _StreamProtocol(Protocol):
         if self.ended:
             return
         self.ended = True
+        if self._bulk:
+            self._set_bulk(False)
         self.link._tcp_lost(self, reason)
 
     # -- the link's side
@@ -561,6 +567,8 @@ class LinkProtocol(Protocol):
         # needed; (-1, -1) when none can be had. ``_piped``: bytes in it.
         self._pipe: tuple[int, int] | None = None
         self._piped = 0
+        self._bulk_streams = 0  # streams in bulk mode: the pipe is kept while there are any
+        self.spliced = 0  # bytes spliced into the link (not read into the process)
         self._lost = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -676,6 +684,16 @@ class LinkProtocol(Protocol):
                     pass  # the default 64 KiB: smaller splices
         return self._pipe[1]
 
+    def _release_pipe(self) -> None:
+        """Close the splice pipe once no stream is in bulk mode and nothing waits in it.
+
+        A link outlives its bulk transfers; holding two descriptors per link
+        for good would make every bridge that once carried a download look
+        like it leaks them.
+        """
+        if not self._bulk_streams and not self._piped and self._pipe is not None:
+            self._close_pipe()
+
     def _close_pipe(self) -> None:
         pipe, self._pipe = self._pipe, None
         self._piped = 0
@@ -718,10 +736,13 @@ class LinkProtocol(Protocol):
             if piped:
                 assert isinstance(first, _Piped)
                 first.n -= n
+                self.spliced += n
                 self._piped -= n
                 if first.n:
                     return True  # the socket is full
                 wq.popleft()
+                if not self._piped and not self._bulk_streams:
+                    self._close_pipe()
                 continue
             for c in batch:
                 k = len(c)
