@@ -84,6 +84,23 @@ class PortStatsTests(unittest.TestCase):
         self.assertEqual(snap["resets"], {"ABORTED": 1})
         self.assertEqual(p.bytes_to_service, 10, "a snapshot changes nothing")
 
+    def test_counters_are_not_objects(self) -> None:
+        """The int counters live in one preallocated array: a bump leaves no int object behind."""
+        import sys
+
+        p = PortStats()
+        cells = p._cells
+        for _ in range(1000):
+            p.requested += 1
+            p.bytes_to_service += 70_000
+        p.latency.record(0.5)
+        p.latency.record(0.25)
+        self.assertIs(p._cells, cells)
+        self.assertEqual((p.requested, p.bytes_to_service), (1000, 70_000_000))
+        self.assertEqual((p.latency.count, p.latency.total), (2, 0.75))
+        value = p.bytes_to_service
+        self.assertEqual(sys.getrefcount(value), 2, "a fresh int per read, held by no one")
+
     def test_bridge_snapshot_sums_live_per_port(self) -> None:
         """Live bytes are summed per port and only known ports are reported."""
         b = BridgeStats()

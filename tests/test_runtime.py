@@ -13,11 +13,14 @@ from twisted.trial import unittest
 from tproxy.config import Config, ConfigError, load_config
 from tproxy.runtime import (
     RACY_SECONDS,
+    REACTOR_TABLES,
     ConfigCache,
     DaemonRuntime,
     MemoryReclaimer,
     _load_libc,
     _MallInfo2,
+    compact,
+    link_tables,
 )
 from tproxy.settings import Paths
 
@@ -171,6 +174,35 @@ class FakeLibc:
         return 1
 
 
+class CompactTests(unittest.TestCase):
+    """Dicts and sets that shrank after a burst are replaced by right-sized copies."""
+
+    def test_shrunk_tables_replaced(self) -> None:
+        """A table grown for 2,000 entries and emptied is copied; a full one is left."""
+
+        class Reactor:
+            pass
+
+        r = Reactor()
+        r._reads = set(range(2000))  # type: ignore[attr-defined]
+        r._writes = set()  # type: ignore[attr-defined]
+        r._selectables = {i: object() for i in range(2000)}  # type: ignore[attr-defined]
+        for i in range(1990):
+            r._reads.discard(i)  # type: ignore[attr-defined]
+            del r._selectables[i]  # type: ignore[attr-defined]
+        before = r._selectables  # type: ignore[attr-defined]
+        self.assertEqual(compact(r, REACTOR_TABLES), 2)
+        self.assertIsNot(r._selectables, before)  # type: ignore[attr-defined]
+        self.assertEqual(r._selectables, before)  # type: ignore[attr-defined]
+        self.assertEqual(r._reads, set(range(1990, 2000)))  # type: ignore[attr-defined]
+        self.assertEqual(compact(r, REACTOR_TABLES), 0, "right-sized now")
+
+    def test_other_objects_left_alone(self) -> None:
+        """A missing attribute or a non-dict/set one is not touched."""
+        clock = Clock()
+        self.assertEqual(compact(clock, ("_reads", "calls")), 0)
+
+
 class MemoryReclaimerTests(unittest.TestCase):
     """Garbage is collected and free C-heap memory given back after bursts, and only then."""
 
@@ -228,6 +260,32 @@ class MemoryReclaimerTests(unittest.TestCase):
         self.assertEqual(collected, [9_400])
         r.check()
         self.assertEqual(collected, [9_400])
+
+    def test_compacts_tables_after_a_collection(self) -> None:
+        """After a burst's collection, the link tables it is given that shrank are copied."""
+
+        class Link:
+            def __init__(self) -> None:
+                self._streams = {i: None for i in range(2000)}
+                self._per_guest: dict[str, int] = {}
+                self.conn = self
+
+        link = Link()
+        blocks = [10_000]
+        r, _, collected = self.reclaimer(
+            None, blocks, collect_delta=500, tables=lambda: link_tables(link)
+        )
+        for i in range(2000):  # deleted one by one, as streams end (clear() would free the table)
+            del link._streams[i]
+        before = link._streams
+        r.check()
+        self.assertIs(link._streams, before, "no burst seen: nothing touched")
+        blocks[0] += 5_000
+        r.check()
+        self.assertEqual(len(collected), 1)
+        self.assertIsNot(link._streams, before)
+        self.assertEqual(link._streams, {})
+        self.assertEqual(r.compactions, 1, "the same table seen as the connection's is right-sized")
 
     def test_periodic(self) -> None:
         """Started, it looks every interval; stopped, never again."""

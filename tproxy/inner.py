@@ -499,7 +499,7 @@ def _run(bridge: str, paths: Any, hup: _Hangups) -> int:
         service.apply_limits(daemon.limits())
 
     hup.attach(reactor, reload)
-    runtime.MemoryReclaimer(reactor).start()
+    runtime.MemoryReclaimer(reactor, tables=lambda: runtime.link_tables(link)).start()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
     log.info(

@@ -25,12 +25,12 @@ import json
 import os
 import struct
 import types
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
-from attrs import define, field
 from twisted.internet import error as ierror
 from twisted.internet import main, tcp
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from tproxy import logs
 from tproxy.link_connect import connect_tcp
-from tproxy.metrics import BridgeStats, PortStats
+from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
 from tproxy.protocol.connection import Connection, ProtocolError, Role, StreamState
@@ -187,24 +187,44 @@ class LinkLimits(TypingProtocol):
     def idle_timeout(self) -> float | None: ...
 
 
-@define
 class LinkCounters:
-    """Per-link counters, plain ints (read by the operations work, e.g. for STATS)."""
+    """Per-link counters (read by the operations work, e.g. for STATS).
 
-    opened: int = 0
+    The int counters are ``metrics.Cell`` s of one preallocated ``array('q')``:
+    no int object born per bump outlives a burst (issue 7 (f)).
+    """
+
+    __slots__ = ("_cells", "refused", "resets_sent", "resets_received")
+
+    opened = Cell(0)
     """Streams opened (inner) or requested (root)."""
-    accepted: int = 0
+    accepted = Cell(1)
     """Streams that reached the open state."""
-    refused: dict[Reason, int] = field(factory=dict)
-    """Opens refused, by reason."""
-    resets_sent: dict[Reason, int] = field(factory=dict)
-    """RESETs this side sent, by reason."""
-    resets_received: dict[Reason, int] = field(factory=dict)
-    """RESETs the peer sent, by reason."""
-    bytes_to_link: int = 0
+    bytes_to_link = Cell(2)
     """Bytes read from TCP sockets and sent on the link, of streams that ended."""
-    bytes_from_link: int = 0
+    bytes_from_link = Cell(3)
     """Bytes received on the link and written to TCP sockets, of streams that ended."""
+
+    def __init__(self) -> None:
+        self._cells = array("q", bytes(4 * 8))
+        self.refused: dict[Reason, int] = {}
+        """Opens refused, by reason."""
+        self.resets_sent: dict[Reason, int] = {}
+        """RESETs this side sent, by reason."""
+        self.resets_received: dict[Reason, int] = {}
+        """RESETs the peer sent, by reason."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LinkCounters):
+            return NotImplemented
+        return (self._cells, self.refused, self.resets_sent, self.resets_received) == (
+            other._cells, other.refused, other.resets_sent, other.resets_received
+        )  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LinkCounters({counters_dict(self)!r})"
 
 
 def _bump(counter: dict[Reason, int], reason: Reason) -> None:

@@ -1,15 +1,16 @@
 """Counters of the running mesh, and their two renderings (JSON-able dict, Prometheus text).
 
 Theory of operation. Counting is sans-I/O and cheap: the root's link keeps one
-:class:`PortStats` per (bridge, service port) and bumps plain ints at the
-events of a stream's life (requested, refused, accepted, reset, ended); bytes
-are added once per stream when it ends (each stream already counts its own
-bytes), so the data path gains no work at all, and a snapshot adds the bytes
-of the streams still open. Connect latency goes into a fixed ring of the last
-:data:`LATENCY_WINDOW` samples kept as C doubles (an ``array``: no object per
-sample; as a list of floats, the 1,024 floats made during a burst of
-connections outlived it, scattered over the allocator's pools, issue 7 (f));
-percentiles are computed only when a snapshot is taken.
+:class:`PortStats` per (bridge, service port) and bumps ints (kept in an
+``array``, :class:`Cell`) at the events of a stream's life (requested,
+refused, accepted, reset, ended); bytes are added once per stream when it
+ends (each stream already counts its own bytes), so the data path gains no
+work at all, and a snapshot adds the bytes of the streams still open.
+Connect latency goes into a fixed ring of the last :data:`LATENCY_WINDOW`
+samples kept as C doubles (an ``array``: no object per sample; as a list of
+floats, the 1,024 floats made during a burst of connections outlived it,
+scattered over the allocator's pools, issue 7 (f)); percentiles are computed
+only when a snapshot is taken.
 
 The counting can be switched off for a whole mesh with the environment
 variable :data:`COUNTERS_ENV` (``ONE_TPROXY_COUNTERS=off``), read once when a
@@ -57,31 +58,60 @@ def counting_enabled(environ: Mapping[str, str] | None = None) -> bool:
 
 
 #: What a proxy logs (WARNING) at start when its counters are off.
-COUNTERS_OFF_MESSAGE = (
-    COUNTERS_ENV + "=off: counters off in this process (status shows no figures)"
-)
+COUNTERS_OFF_MESSAGE = COUNTERS_ENV + "=off: counters off in this process (status shows no figures)"
+
+
+class Cell:
+    """A counter attribute kept in its owner's ``array`` (``_cells[index]``), not as an int object.
+
+    Why: a counter bumped during a burst of connections (``x += 1``) makes a
+    new int object at every bump above 256, and the last one lives on,
+    wherever pymalloc put it among the burst's blocks: a few such survivors
+    keep whole arenas from being freed once the burst's connections closed
+    (issue 7 (f), docs/performance.md). Stored in a preallocated array, the
+    value has no object of its own; reading it makes a short-lived int.
+    """
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        return obj._cells[self.index]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._cells[self.index] = value
 
 
 class LatencyWindow:
     """The last ``size`` samples in a ring; percentiles over them on demand."""
 
-    __slots__ = ("_samples", "_next", "count", "total", "size")
+    __slots__ = ("_samples", "_cells", "_total", "size")
+
+    count = Cell(0)
+    """Samples ever recorded."""
+    _next = Cell(1)
 
     def __init__(self, size: int = LATENCY_WINDOW) -> None:
         if size < 1:
             raise ValueError("a latency window holds at least one sample")
         self.size = size
         self._samples = array("d")
-        self._next = 0
-        self.count = 0
-        """Samples ever recorded."""
-        self.total = 0.0
+        self._cells = array("q", (0, 0))
+        self._total = array("d", (0.0,))
+
+    @property
+    def total(self) -> float:
         """Sum of every sample ever recorded (seconds)."""
+        return self._total[0]
 
     def record(self, seconds: float) -> None:
         """Add one sample, replacing the oldest once the ring is full."""
         self.count += 1
-        self.total += seconds
+        self._total[0] += seconds
         samples = self._samples
         if len(samples) < self.size:
             samples.append(seconds)
@@ -102,26 +132,37 @@ class LatencyWindow:
         return ordered[min(rank, len(ordered)) - 1]
 
 
-@define(slots=True)
 class PortStats:
-    """Counters of one service port of one bridge (root side)."""
+    """Counters of one service port of one bridge (root side).
 
-    streams_open: int = 0
+    The int counters are :class:`Cell` s of one preallocated ``array('q')``
+    (no object born per bump, see :class:`Cell`).
+    """
+
+    __slots__ = ("_cells", "refused", "resets", "latency")
+
+    streams_open = Cell(0)
     """Streams requested and not yet ended (connecting or open)."""
-    requested: int = 0
+    requested = Cell(1)
     """OPENs received for this port."""
-    accepted: int = 0
+    accepted = Cell(2)
     """Streams whose destination connection succeeded."""
-    refused: dict[str, int] = field(factory=dict)
-    """Opens refused, by reason name (REFUSED, TIMED_OUT, UNKNOWN_SERVICE, ...)."""
-    resets: dict[str, int] = field(factory=dict)
-    """Streams ended by a reset (either side, also while connecting), by reason name."""
-    bytes_to_service: int = 0
+    bytes_to_service = Cell(3)
     """Bytes from guests to the destination, of streams that ended."""
-    bytes_to_guest: int = 0
+    bytes_to_guest = Cell(4)
     """Bytes from the destination to guests, of streams that ended."""
-    latency: LatencyWindow = field(factory=LatencyWindow)
-    """Connect latencies of the recent accepted streams."""
+
+    def __init__(self) -> None:
+        self._cells = array("q", bytes(5 * 8))
+        self.refused: dict[str, int] = {}
+        """Opens refused, by reason name (REFUSED, TIMED_OUT, UNKNOWN_SERVICE, ...)."""
+        self.resets: dict[str, int] = {}
+        """Streams ended by a reset (either side, also while connecting), by reason name."""
+        self.latency = LatencyWindow()
+        """Connect latencies of the recent accepted streams."""
+
+    def __repr__(self) -> str:
+        return f"PortStats({self.snapshot()!r})"
 
     def refuse(self, reason: str) -> None:
         """Count an open refused for ``reason``."""

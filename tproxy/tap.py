@@ -24,7 +24,7 @@ from tproxy.metrics import COUNTERS_OFF_MESSAGE, BridgeStats, counting_enabled
 from tproxy.observe import status_document
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
-from tproxy.runtime import DaemonRuntime, MemoryReclaimer
+from tproxy.runtime import DaemonRuntime, MemoryReclaimer, Tables, link_tables
 from tproxy.spawn import Launcher, SpawnLauncher, TemplateLauncher
 
 log = Logger(namespace="tproxy.tap")
@@ -142,13 +142,22 @@ class RootDaemon(MultiService):
     def _hup(self, signum: int, frame: object) -> None:
         self._reactor.callFromThread(self.root.reload)
 
+    def _link_tables(self) -> Tables:
+        """The stream tables of every bridge's link (compacted after a burst)."""
+        return [
+            table
+            for sup in self.root.supervisors().values()
+            if sup.link is not None
+            for table in link_tables(sup.link)
+        ]
+
     def privilegedStartService(self) -> None:
         # The handler first: once titled, `one-tproxy reload` may find us and
         # SIGHUP's default action would kill the process.
         signal.signal(signal.SIGHUP, self._hup)
         self.runtime.prepare(begin_logging=False)
         self.root.settings = self.runtime.config
-        MemoryReclaimer(self._reactor).start()
+        MemoryReclaimer(self._reactor, tables=self._link_tables).start()
         if self._set_title:  # the real daemon (tests build it without)
             import setproctitle
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+import socket
 import struct
 from collections.abc import Iterable
 
@@ -117,19 +118,37 @@ def header(ftype: int, stream_id: int, length: int, flags: int = 0) -> bytes:
     return HEADER.pack(ftype, flags, stream_id, length)
 
 
-#: Guest addresses remembered by the OPEN encoder and decoder. Parsing an address
-#: costs a few microseconds per stream, and a bridge's guests are few; the bound
-#: keeps a guest that cycles through many source addresses from growing it.
+#: IPv6 guest addresses remembered by the OPEN encoder and decoder. Parsing an
+#: address with ``ipaddress`` costs a few microseconds per stream, and a
+#: bridge's guests are few; the bound keeps a guest that cycles through many
+#: source addresses from growing it. IPv4 addresses, the common case, go
+#: through the C library (``inet_pton``/``inet_ntop``, under a microsecond) and
+#: are not cached: a cache entry made during a burst of connections outlives
+#: it among the burst's short-lived objects and keeps pymalloc from freeing
+#: their memory (issue 7 (f), docs/performance.md).
 _ADDRESS_CACHE = 4096
 
 
-@functools.lru_cache(maxsize=_ADDRESS_CACHE)
 def _packed_address(host: str) -> bytes:
+    try:
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return _packed_other(host)
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE)
+def _packed_other(host: str) -> bytes:
     return ipaddress.ip_address(host).packed
 
 
-@functools.lru_cache(maxsize=_ADDRESS_CACHE)
 def _address_text(raw: bytes) -> str:
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    return _address_text_other(raw)
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE)
+def _address_text_other(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
