@@ -72,6 +72,11 @@ _PING = struct.Struct("!Q")
 #: Read size and write high-water mark of a stream's TCP socket.
 STREAM_BUFFER = 1 << 18
 
+#: Inner: the most of a guest's first bytes read right after accept and sent
+#: as early data behind the OPEN (docs/protocol.md, "Early data"); the rest
+#: waits for the OPEN_RESULT as before.
+EARLY_DATA_MAX = 1 << 16
+
 #: Every stream's clean end, one instance for all (Twisted's reactor shares its own too).
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
@@ -130,6 +135,7 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
             else:
                 return
     t.writeSequence(chunks)
+
 
 #: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
 #: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
@@ -234,6 +240,8 @@ class _StreamProtocol(Protocol):
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
         self.ended = False
+        self.early = 0  # inner: early-data bytes in sent, not counted if the open fails
+        self.held: list[bytes] | None = None  # root: early data held until connected
 
     # -- pausing reading from the TCP socket
 
@@ -340,7 +348,16 @@ class _StreamProtocol(Protocol):
     # -- the link's side
 
     def deliver(self, data: bytes) -> None:
-        """Stream data from the link: write it, credit it now or when the socket drains."""
+        """Stream data from the link: write it, credit it now or when the socket drains.
+
+        Early data (root, stream still connecting) is held until the connection is made.
+        """
+        if self.transport is None:
+            if self.held is None:
+                self.held = [data]
+            else:
+                self.held.append(data)
+            return
         self.received += len(data)
         self.active = True
         _write_now(self.transport, self._sock, data)
@@ -586,7 +603,10 @@ class LinkProtocol(Protocol):
 
     def _tcp_lost(self, s: _StreamProtocol, reason: Failure) -> None:
         """A stream's TCP connection is gone: if the stream still lives, reset it."""
-        if s.stream_id and self.conn.stream_state(s.stream_id) is not StreamState.CLOSED:
+        state = self.conn.stream_state(s.stream_id) if s.stream_id else StreamState.CLOSED
+        if state is not StreamState.CLOSED:
+            if state is StreamState.OPENING:
+                s.sent -= s.early  # Early data that never reached the service.
             if not self._lost:
                 self.conn.reset(s.stream_id, Reason.ABORTED)
                 if self.counting:
@@ -1005,6 +1025,11 @@ class RootLink(LinkProtocol):
             self.counters.accepted += 1
             stats.accepted += 1
             stats.latency.record(self.reactor.seconds() - s.opened_at)
+        held = s.held
+        if held is not None:  # Early data, in order, before anything else.
+            s.held = None
+            for data in held:
+                s.deliver(data)
         if logs.debug_enabled:
             self._log.debug(
                 "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
@@ -1174,7 +1199,36 @@ class InnerLink(LinkProtocol):
         if self.counting:
             self.counters.opened += 1
         self._streams[s.stream_id] = s
+        self._send_early(s)
         self.flush_soon()
+
+    def _send_early(self, s: _StreamProtocol) -> None:
+        """Send what the guest already sent as early data, behind the OPEN.
+
+        One non-blocking recv of at most ``EARLY_DATA_MAX`` right after accept:
+        a client's request is usually there by then, and the root can write it
+        to the service as soon as its connect succeeds, without waiting for the
+        OPEN_RESULT to come back and the guest's socket to be read then.
+        """
+        sock = s._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(EARLY_DATA_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            s.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if not data:
+            return  # EOF: the reader finds it again once the stream is open.
+        n = len(data)
+        s.sent += n
+        s.early = n
+        conn = self.conn
+        conn.send_data(s.stream_id, data)
+        if conn.buffered(s.stream_id):
+            s.set_pause(_PAUSE_WINDOW)
 
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamAccepted):
@@ -1196,6 +1250,8 @@ class InnerLink(LinkProtocol):
                 _bump(self.counters.refused, event.reason)
             s = self._streams.get(event.stream_id)
             if s is not None:
+                s.sent -= s.early  # The root dropped the early data.
+                s.early = 0
                 self._log.info(
                     "{link}: guest {guest} on port {port} refused by the root ({reason})",
                     link=self.name,
