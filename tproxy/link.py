@@ -19,17 +19,20 @@ Reactor and endpoints are injected; nothing here imports the global reactor.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
 import struct
 import types
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet import error as ierror
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import (
@@ -53,7 +56,7 @@ from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
 from tproxy.protocol.connection import Connection, ProtocolError, Role, StreamState
-from tproxy.protocol.frames import DEFAULT_WINDOW, Reason
+from tproxy.protocol.frames import DEFAULT_WINDOW, Chunk, Reason
 
 #: Seconds between PINGs on an idle or busy link.
 PING_INTERVAL = 10.0
@@ -101,7 +104,12 @@ def _idle(t: Any) -> bool:
     )
 
 
-def _write_now(t: Any, sock: Any, data: bytes) -> None:
+def _as_bytes(data: Chunk) -> bytes:
+    """``bytes`` of a chunk that has to wait in Twisted's buffer (which takes nothing else)."""
+    return data if type(data) is bytes else bytes(data)
+
+
+def _write_now(t: Any, sock: Any, data: Chunk) -> None:
     """``t.write(data)``, but straight to the socket while nothing is queued.
 
     Twisted's ``write`` only queues: the bytes leave one reactor turn later,
@@ -116,10 +124,10 @@ def _write_now(t: Any, sock: Any, data: bytes) -> None:
         if n == len(data):
             return
         data = data[n:]
-    t.write(data)
+    t.write(_as_bytes(data))
 
 
-def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
+def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
     """``t.writeSequence(chunks)``, gathered into one ``sendmsg`` while nothing is queued."""
     if sock is not None and len(chunks) <= _MAX_IOV and _idle(t):
         try:
@@ -134,13 +142,38 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[bytes]) -> None:
                 n -= len(c)
             else:
                 return
-    t.writeSequence(chunks)
+    t.writeSequence([_as_bytes(c) for c in chunks])
 
 
 #: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
 #: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
 #: frame); also the size of each read from the UNIX socket.
 LINK_HIGH_WATER = 1 << 20
+
+_splice = getattr(os, "splice", None)  # Python 3.10+, Linux
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: Most bytes one splice moves from a stream's socket into the link's pipe (the pipe's size).
+SPLICE_READ = 1 << 18
+#: A read of at least this many bytes puts a stream in bulk mode (splice), a
+#: splice of fewer takes it out: for small reads (requests, responses) splicing
+#: costs one more system call than it saves copying.
+BULK_READ = 1 << 16
+
+
+class _Piped:
+    """Stream bytes waiting in the link's pipe: the payload of one DATA frame in the queue.
+
+    ``_drain`` splices them from the pipe into the link when their turn comes;
+    the frame's header (bytes) is the queue entry before it.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
 
 #: Refusals a root link logs one by one per second; beyond that they are counted
 #: and summed up in one line (a hostile inner must not be able to flood the log).
@@ -236,6 +269,8 @@ class _StreamProtocol(Protocol):
         self._tcp_full = False
         self._withheld = 0
         self._sock: Any = None
+        self._tcp_do_read: Callable[[], Any] | None = None  # set: splicing possible
+        self._bulk = False  # splice reads (see _splice_read)
         self.sent = 0  # TCP -> link
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
@@ -290,6 +325,8 @@ class _StreamProtocol(Protocol):
             # Read up to 256 KiB per wake-up (Twisted: 64 KiB), and queue as much
             # before the socket counts as full and credit is withheld.
             self.transport.bufferSize = STREAM_BUFFER  # type: ignore[union-attr]
+            if _splice is not None and self.link._sock is not None:
+                self._tcp_do_read = self.transport.doRead  # type: ignore[union-attr]
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._reading = True
         self.link._tcp_connected(self)
@@ -298,13 +335,87 @@ class _StreamProtocol(Protocol):
         link = self.link
         if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
             return
-        self.sent += len(data)
+        n = len(data)
+        self.sent += n
         self.active = True
+        if (n >= BULK_READ) is not self._bulk and self._tcp_do_read is not None:
+            self._set_bulk(not self._bulk)
         conn = link.conn
         conn.send_data(self.stream_id, data)
         if conn.buffered(self.stream_id):
             self.set_pause(_PAUSE_WINDOW)
         link.flush()
+
+    def _set_bulk(self, bulk: bool) -> None:
+        """Enter or leave bulk mode: the transport's ``doRead`` is ``_splice_read`` in it.
+
+        Outside it the transport reads with Twisted's own ``doRead`` and no
+        wrapper, so a keep-alive stream pays nothing for splicing.
+        """
+        self._bulk = bulk
+        link = self.link
+        link._bulk_streams += 1 if bulk else -1
+        t: Any = self.transport
+        if bulk:
+            t.doRead = self._splice_read
+        else:
+            if "doRead" in t.__dict__:
+                del t.doRead
+            link._release_pipe()
+
+    def _splice_read(self) -> Any:
+        """The TCP transport's ``doRead`` on a real link: the socket's bytes spliced, not read.
+
+        In bulk mode (the last read was at least ``BULK_READ`` bytes), while
+        the link's pipe is empty (nothing of it waits for the link) and the
+        send window is open, up to ``min(window, SPLICE_READ)`` bytes move
+        from the socket into the pipe without entering the process; each
+        frame's header is queued with a ``_Piped`` placeholder, and
+        ``LinkProtocol._drain`` splices the bytes on into the link in their
+        turn. Otherwise (pipe busy, window spent, stream not sending) it is
+        Twisted's own ``doRead``, i.e. ``dataReceived``. Returns what
+        ``doRead`` returns: None, or the reason the connection ended.
+        """
+        link = self.link
+        conn = link.conn
+        sid = self.stream_id
+        assert self._tcp_do_read is not None
+        if link._piped or self.ended or link._lost:
+            return self._tcp_do_read()
+        window = conn.send_window(sid)
+        state = conn.stream_state(sid)
+        if (
+            window <= 0
+            or conn.buffered(sid)
+            or (state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_REMOTE)
+        ):
+            return self._tcp_do_read()
+        pipe_in = link._pipe_in()
+        if pipe_in < 0:
+            return self._tcp_do_read()
+        assert _splice is not None
+        try:
+            n = _splice(self._sock.fileno(), pipe_in, min(window, SPLICE_READ), flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        self.sent += n
+        self.active = True
+        link._piped += n  # before leaving bulk mode, which closes an empty pipe
+        if n < BULK_READ:
+            self._set_bulk(False)
+        limit = conn.max_payload
+        while n > 0:
+            k = n if n < limit else limit
+            conn.send_frame(sid, cast(Chunk, _Piped(k)))
+            n -= k
+        if conn.send_window(sid) <= 0 and conn.notify_writable(sid):
+            self.set_pause(_PAUSE_WINDOW)
+        link.flush()
+        return None
 
     def readConnectionLost(self) -> None:
         """The TCP peer sent FIN: carry it as HALF_CLOSE."""
@@ -343,20 +454,19 @@ class _StreamProtocol(Protocol):
         if self.ended:
             return
         self.ended = True
+        if self._bulk:
+            self._set_bulk(False)
         self.link._tcp_lost(self, reason)
 
     # -- the link's side
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: Chunk) -> None:
         """Stream data from the link: write it, credit it now or when the socket drains.
 
         Early data (root, stream still connecting) is held until the connection is made.
         """
         if self.transport is None:
-            if self.held is None:
-                self.held = [data]
-            else:
-                self.held.append(data)
+            self.hold([data])
             return
         self.received += len(data)
         self.active = True
@@ -365,6 +475,33 @@ class _StreamProtocol(Protocol):
             self._withheld += len(data)
         else:
             self.link.conn.consumed(self.stream_id, len(data))
+
+    def hold(self, chunks: list[Chunk]) -> None:
+        """Root: keep early data until the service's connection is made (copies: small)."""
+        held = [bytes(c) for c in chunks]
+        if self.held is None:
+            self.held = held
+        else:
+            self.held.extend(held)
+
+    def deliver_all(self, chunks: list[Chunk]) -> None:
+        """Consecutive DATA payloads of one link read: one ``sendmsg``, one credit."""
+        if len(chunks) == 1:
+            self.deliver(chunks[0])  # a plain send (keep-alive requests, responses)
+            return
+        if self.transport is None:
+            self.hold(chunks)
+            return
+        n = 0
+        for c in chunks:
+            n += len(c)
+        self.received += n
+        self.active = True
+        _write_sequence_now(self.transport, self._sock, chunks)
+        if self._tcp_full:
+            self._withheld += n
+        else:
+            self.link.conn.consumed(self.stream_id, n)
 
     def close_write(self) -> None:
         """The peer's FIN: shut down our socket's write side once its buffer is out."""
@@ -447,6 +584,16 @@ class LinkProtocol(Protocol):
         self._link_paused = False
         self._resume_turn = 0
         self._sock: Any = None
+        # The link's own write queue (real sockets only; see ``flush``).
+        self._wq: deque[Chunk] = deque()
+        self._wq_len = 0
+        self._wq_paused = False
+        # The pipe that streams' bytes are spliced through (``_splice_read``), once
+        # needed; (-1, -1) when none can be had. ``_piped``: bytes in it.
+        self._pipe: tuple[int, int] | None = None
+        self._piped = 0
+        self._bulk_streams = 0  # streams in bulk mode: the pipe is kept while there are any
+        self.spliced = 0  # bytes spliced into the link (not read into the process)
         self._lost = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -477,6 +624,7 @@ class LinkProtocol(Protocol):
             # The link carries no file descriptors: a plain recv() instead of the
             # UNIX transport's recvmsg() (ancillary buffer, a tuple per read).
             t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
+            t.doWrite = self._make_do_write(t.doWrite)  # type: ignore[method-assign]
         self._sock = _socket_of(t)
         t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
@@ -484,12 +632,173 @@ class LinkProtocol(Protocol):
             self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
 
     def flush(self) -> None:
-        """Write what the connection queued."""
-        if self.transport is None or self._lost:
+        """Write what the connection queued.
+
+        On a real socket the link keeps its own write queue instead of
+        Twisted's buffer (which takes only ``bytes``, joins everything queued
+        into one string on each write-ready and sends at most 128 KiB per
+        reactor turn): frame headers and payload views go out gathered, up to
+        ``_MAX_IOV`` buffers per ``sendmsg``, with no copy; what the socket
+        does not take waits as views, and the transport's ``doWrite`` sends
+        it first. Beyond ``LINK_HIGH_WATER`` queued bytes the link's TCP
+        sockets are paused, as Twisted's producer machinery would.
+        """
+        t = self.transport
+        if t is None or self._lost:
             return
         chunks = self.conn.data_to_send()
-        if chunks:
-            _write_sequence_now(self.transport, self._sock, chunks)
+        if not chunks:
+            return
+        if self._sock is None:  # a fake transport (tests)
+            t.writeSequence([_as_bytes(c) for c in chunks])
+            return
+        wq = self._wq
+        busy = bool(wq)
+        full = False
+        if not busy and len(chunks) <= _MAX_IOV:
+            # The common case, inlined: nothing queued, send at once.
+            try:
+                n = self._sock.sendmsg(chunks)
+                full = True  # unless all of it went
+            except BlockingIOError:
+                n = 0
+                full = True
+            except TypeError:  # a _Piped among the chunks: _drain splices it
+                n = 0
+            except OSError:
+                t.abortConnection()  # type: ignore[attr-defined]
+                return
+            i = 0
+            for c in chunks:
+                k = len(c)
+                if n < k:
+                    break
+                n -= k
+                i += 1
+            else:
+                return
+            chunks = chunks[i:]
+            if n:
+                chunks[0] = memoryview(c)[n:]
+        wq.extend(chunks)
+        for c in chunks:
+            self._wq_len += len(c)
+        if not busy:
+            if not full and not self._drain():
+                t.abortConnection()  # type: ignore[attr-defined]
+                return
+            if not wq:
+                return
+            t.startWriting()  # type: ignore[attr-defined]
+        if self._wq_len > LINK_HIGH_WATER and not self._wq_paused:
+            self._wq_paused = True
+            self._set_link_paused(True)
+
+    def _pipe_in(self) -> int:
+        """The write end of the link's splice pipe (made on first use), or -1 if there is none."""
+        if self._pipe is None:
+            try:
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                self._pipe = (-1, -1)
+            else:
+                self._pipe = (r, w)
+                try:
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, SPLICE_READ)
+                except OSError:
+                    pass  # the default 64 KiB: smaller splices
+        return self._pipe[1]
+
+    def _release_pipe(self) -> None:
+        """Close the splice pipe once no stream is in bulk mode and nothing waits in it.
+
+        A link outlives its bulk transfers; holding two descriptors per link
+        for good would make every bridge that once carried a download look
+        like it leaks them.
+        """
+        if not self._bulk_streams and not self._piped and self._pipe is not None:
+            self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        self._piped = 0
+        if pipe is not None and pipe[0] >= 0:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def _drain(self) -> bool:
+        """Send from the write queue until it is empty or the socket is full; False on error.
+
+        Runs of bytes go out gathered by ``sendmsg``; a ``_Piped`` entry is
+        spliced from the pipe (partly, if the socket fills, and finished first
+        on the next call).
+        """
+        wq = self._wq
+        sock = self._sock
+        sendmsg = sock.sendmsg
+        while wq:
+            first = wq[0]
+            piped = type(first) is _Piped
+            batch: list[Chunk] = []
+            if not piped:
+                for c in wq:
+                    if type(c) is _Piped or len(batch) == _MAX_IOV:
+                        break
+                    batch.append(c)
+            try:
+                if piped:
+                    assert _splice is not None and self._pipe is not None
+                    n = _splice(self._pipe[0], sock.fileno(), len(first), flags=_SPLICE_FLAGS)
+                else:
+                    n = sendmsg(batch)
+            except BlockingIOError:
+                return True
+            except OSError:
+                wq.clear()
+                self._wq_len = 0
+                return False
+            self._wq_len -= n
+            if piped:
+                assert isinstance(first, _Piped)
+                first.n -= n
+                self.spliced += n
+                self._piped -= n
+                if first.n:
+                    return True  # the socket is full
+                wq.popleft()
+                if not self._piped and not self._bulk_streams:
+                    self._close_pipe()
+                continue
+            for c in batch:
+                k = len(c)
+                if n < k:
+                    if n:
+                        wq[0] = memoryview(c)[n:]
+                    return True  # the socket is full
+                n -= k
+                wq.popleft()
+        return True
+
+    def _make_do_write(self, twisted_do_write: Callable[[], Any]) -> Callable[[], Any]:
+        """The link transport's ``doWrite``: the link's queue first, then Twisted's own.
+
+        Twisted's buffer stays empty on a real socket, so its ``doWrite``
+        only does the bookkeeping: stop writing, close after
+        ``loseConnection``.
+        """
+
+        def do_write() -> Any:
+            if self._wq:
+                if not self._drain():
+                    return ierror.ConnectionLost("writing to the link failed")
+                if self._wq:
+                    return None
+                if self._wq_paused:
+                    self._wq_paused = False
+                    self._set_link_paused(False)
+            return twisted_do_write()
+
+        return do_write
 
     def flush_soon(self) -> None:
         """Write what the connection queued at the end of this reactor turn.
@@ -524,13 +833,29 @@ class LinkProtocol(Protocol):
             self._close()
             return
         streams = self._streams
+        # Consecutive DATA of one stream (a link read carries up to 16 frames of a
+        # bulk stream) is written to its socket with one sendmsg.
+        batch_s: _StreamProtocol | None = None
+        batch: list[Chunk] = []
         for event in events:
             if type(event) is ev.DataReceived:
                 s = streams.get(event.stream_id)
-                if s is not None:
-                    s.deliver(event.data)
+                if s is None:
+                    continue
+                if s is batch_s:
+                    batch.append(event.data)
+                    continue
+                if batch_s is not None:
+                    batch_s.deliver_all(batch)
+                batch_s = s
+                batch = [event.data]
             else:
+                if batch_s is not None:
+                    batch_s.deliver_all(batch)
+                    batch_s = None
                 self._event(event)
+        if batch_s is not None:
+            batch_s.deliver_all(batch)
         self.flush()
         self._maybe_close()
 
@@ -578,6 +903,9 @@ class LinkProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone) -> None:  # type: ignore[assignment]
         self._lost = True
+        self._wq.clear()
+        self._wq_len = 0
+        self._close_pipe()
         for call in (self._ping_call, self._pong_deadline, self._flush_call):
             if call is not None and call.active():
                 call.cancel()
@@ -1028,8 +1356,7 @@ class RootLink(LinkProtocol):
         held = s.held
         if held is not None:  # Early data, in order, before anything else.
             s.held = None
-            for data in held:
-                s.deliver(data)
+            s.deliver_all(held)  # type: ignore[arg-type]
         if logs.debug_enabled:
             self._log.debug(
                 "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",

@@ -33,6 +33,13 @@ RECLAIM_INTERVAL = 2.0
 TRIM_THRESHOLD = 1 << 20
 #: Change of Python's allocated blocks between two looks that counts as a burst.
 COLLECT_DELTA = 2000
+#: glibc ``mallopt`` parameters (``<malloc.h>``).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+#: Allocations up to this size come from the heap, not from an ``mmap`` of their own.
+MMAP_THRESHOLD = 4 << 20
+#: Free bytes at the heap's top that ``free`` leaves alone (the reclaimer trims).
+HEAP_TRIM_THRESHOLD = 8 << 20
 
 
 class _MallInfo2(ctypes.Structure):
@@ -110,7 +117,8 @@ class MemoryReclaimer:
             self.trims += 1
 
     def start(self) -> None:
-        """Look every ``interval`` seconds from now on."""
+        """Keep the heap steady (``steady_heap``); look every ``interval`` seconds from now on."""
+        steady_heap(self._libc)
         if not self._loop.running:
             self._loop.start(self.interval, now=False)
 
@@ -118,6 +126,26 @@ class MemoryReclaimer:
         """Stop looking."""
         if self._loop.running:
             self._loop.stop()
+
+
+def steady_heap(libc: Any) -> bool:
+    """Make glibc serve the data path's large buffers from its heap (issue 7 (a)).
+
+    Each read of a link (up to 1 MiB) and of a bulk stream (256 KiB) is a new
+    ``bytes`` object. glibc's default threshold (128 KiB, raised only to the
+    size of a freed mapping, and a read is shrunk to its length before it is
+    freed) gave each read its own ``mmap``: 250 page faults, the zeroing of
+    every page and a ``munmap`` per megabyte relayed. With these settings
+    they are carved from the heap and reused; ``free`` no longer trims the
+    heap's top on every large free either: ``MemoryReclaimer`` trims what a
+    burst left, every few seconds. False when the C library has no ``mallopt``.
+    """
+    if libc is None or getattr(libc, "mallopt", None) is None:
+        return False
+    return bool(
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        and libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
+    )
 
 
 _libc: list[Any] = []
@@ -134,9 +162,12 @@ def _load_libc() -> Any:
             libc = ctypes.CDLL(None)  # the symbols the process already has: libc's
             mallinfo2 = libc.mallinfo2
             trim = libc.malloc_trim
+            mallopt = libc.mallopt
         except (OSError, AttributeError):
             _libc.append(None)
         else:
+            mallopt.restype = ctypes.c_int
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
             mallinfo2.restype = _MallInfo2
             mallinfo2.argtypes = []
             trim.restype = ctypes.c_int

@@ -395,6 +395,39 @@ class FlowControlTests(unittest.TestCase):
         self.assertEqual(pump(inner, root), [DataReceived(sid, b"abcde"), HalfClosed(sid)])
         self.assertEqual(inner.stream_state(sid), StreamState.HALF_CLOSED_LOCAL)
 
+    def test_large_write_framed_as_views(self) -> None:
+        """A write of several frames' worth that fits the window: views of it, no copies."""
+        inner, root = pair()
+        sid = opened(inner, root)
+        data = bytes(range(256)) * 1000  # 256,000 bytes: 3 full frames and one of 59,392
+        inner.send_data(sid, data)
+        out = inner.data_to_send()
+        payloads = out[1::2]
+        self.assertEqual([len(p) for p in payloads], [65536, 65536, 65536, 59392])
+        self.assertTrue(all(type(p) is memoryview and p.obj is data for p in payloads))
+        events = root.receive_data(b"".join(out))
+        self.assertEqual(b"".join(e.data for e in events if isinstance(e, DataReceived)), data)
+
+    def test_send_frame_and_notify_writable(self) -> None:
+        """send_frame queues one frame within the window; notify_writable asks for the
+        StreamWritable that the next WINDOW_UPDATE then brings."""
+        inner, root = pair(window=10)
+        sid = opened(inner, root)
+        self.assertFalse(inner.notify_writable(sid))  # the window is open
+        self.assertRaises(UsageError, inner.send_frame, sid, b"x" * 11)  # beyond the window
+        inner.send_frame(sid, b"0123456789")
+        self.assertEqual(inner.send_window(sid), 0)
+        self.assertRaises(UsageError, inner.send_frame, sid, b"x")
+        self.assertTrue(inner.notify_writable(sid))
+        self.assertEqual(inner.buffered(sid), 0)
+        self.assertEqual(pump(inner, root), [DataReceived(sid, b"0123456789")])
+        root.consumed(sid, 10)
+        root.window_update(sid)
+        self.assertEqual(pump(root, inner), [StreamWritable(sid)])
+        inner.send_frame(sid, b"abc")
+        inner.half_close(sid)
+        self.assertEqual(pump(inner, root), [DataReceived(sid, b"abc"), HalfClosed(sid)])
+
     def test_no_credit_after_peer_half_close(self) -> None:
         """After the peer's FIN, consumed data sends no WINDOW_UPDATE."""
         inner, root = pair(window=100)

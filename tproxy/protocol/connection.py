@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import cast
 
 from tproxy.protocol import frames
 from tproxy.protocol.events import (
@@ -187,7 +188,7 @@ class _Stream:
         #: Bytes the caller consumed that were not yet returned as credit.
         self.unacked = 0
         #: Payload waiting for send window (None when there is none).
-        self.pending: deque[bytes] | None = None
+        self.pending: deque[frames.Chunk] | None = None
         self.pending_len = 0
         #: half_close() was called while data was pending: HALF_CLOSE follows the data.
         self.fin_queued = False
@@ -219,7 +220,7 @@ class Connection:
         self.initial_window = initial_window
         self.max_payload = max_payload
         self.max_streams = max_streams
-        self._out: list[bytes] = [frames.encode_preface(initial_window)]
+        self._out: list[frames.Chunk] = [frames.encode_preface(initial_window)]
         self._decoder = frames.FrameDecoder(frames.MAX_PAYLOAD)
         self._streams: dict[int, _Stream] = {}
         self._last_id = 0
@@ -284,8 +285,13 @@ class Connection:
 
     # ------------------------------------------------------------ output
 
-    def data_to_send(self) -> list[bytes]:
-        """Take the chunks queued for the peer (possibly empty)."""
+    def data_to_send(self) -> list[frames.Chunk]:
+        """Take the chunks queued for the peer (possibly empty).
+
+        DATA payloads are the caller's own objects or ``memoryview`` slices of
+        them (a read larger than one frame is framed without a copy): write
+        them with ``sendmsg``, or make ``bytes`` of them where they must wait.
+        """
         out = self._out
         self._out = []
         return out
@@ -351,7 +357,7 @@ class Connection:
         self._transition(st, stream_id, I.SEND_REFUSE)
         self._out.append(frames.encode_open_result(stream_id, reason))
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: frames.Chunk) -> None:
         """Queue stream data; what exceeds the send window waits (see ``buffered``).
 
         Data for a stream that is already closed (say, reset by the peer) is dropped.
@@ -367,11 +373,22 @@ class Connection:
         ):
             raise UsageError(f"stream {stream_id}: no data may be sent in state {st.state.value}")
         n = len(data)
-        if st.pending is None and n <= st.send_window and n <= self.max_payload:
+        if st.pending is None and n <= st.send_window:
             st.send_window -= n
             out = self._out
-            out.append(_HEADER_PACK(_DATA, 0, stream_id, n))
-            out.append(data)
+            limit = self.max_payload
+            if n <= limit:
+                out.append(_HEADER_PACK(_DATA, 0, stream_id, n))
+                out.append(data)
+                return
+            # A read larger than one frame: views of it, one per frame, no copy.
+            view = memoryview(data)
+            for pos in range(0, n - limit, limit):
+                out.append(_HEADER_PACK(_DATA, 0, stream_id, limit))
+                out.append(view[pos : pos + limit])
+            pos = (n - 1) // limit * limit
+            out.append(_HEADER_PACK(_DATA, 0, stream_id, n - pos))
+            out.append(view[pos:])
             return
         if st.pending is None:
             st.pending = deque((data,))
@@ -379,6 +396,44 @@ class Connection:
             st.pending.append(data)
         st.pending_len += n
         self._flush(stream_id, st)
+
+    def send_frame(self, stream_id: int, payload: frames.Chunk) -> None:
+        """Queue ``payload`` as exactly one DATA frame, never as pending data.
+
+        For a caller that sizes its reads to the window itself: a zero-copy
+        writer passes a placeholder whose ``len`` is the payload's length and
+        writes the bytes itself where the placeholder comes out of
+        ``data_to_send`` (the connection never looks inside a payload it
+        does not split). It must fit the send window and one frame, with
+        nothing pending; else ``UsageError``.
+        """
+        st = self._command_stream(stream_id)
+        if st is None:
+            return
+        n = len(payload)
+        if (
+            st.fin_queued
+            or (st.state is not S.OPEN and st.state is not S.HALF_CLOSED_REMOTE)
+            or st.pending is not None
+            or not 0 < n <= min(st.send_window, self.max_payload)
+        ):
+            raise UsageError(f"stream {stream_id}: no frame of {n} bytes fits now")
+        st.send_window -= n
+        self._out.append(_HEADER_PACK(_DATA, 0, stream_id, n))
+        self._out.append(payload)
+
+    def notify_writable(self, stream_id: int) -> bool:
+        """Ask for a ``StreamWritable`` once a spent send window opens again.
+
+        For a caller that never sends beyond the window (``send_frame``) and so
+        has nothing pending to wait on. False when the window is open now.
+        """
+        st = self._command_stream(stream_id)
+        if st is None or st.send_window > 0:
+            return False
+        if st.pending is None:
+            st.pending = deque()  # empty: the next WINDOW_UPDATE flushes it and says so
+        return True
 
     def _flush(self, stream_id: int, st: _Stream) -> bool:
         """Frame as much pending data as the window allows; True when none is left."""
@@ -394,8 +449,9 @@ class Connection:
                 pending.popleft()
                 chunk = data
             else:
-                chunk = data[:take]
-                pending[0] = data[take:]
+                view = data if type(data) is memoryview else memoryview(data)
+                chunk = view[:take]
+                pending[0] = view[take:]
             out.append(_HEADER_PACK(_DATA, 0, stream_id, take))
             out.append(chunk)
             st.send_window -= take
@@ -532,7 +588,8 @@ class Connection:
                         if n:
                             events.append(DataReceived(sid, payload))
                         continue
-                self._frame(ftype, flags, sid, payload, events)
+                # Only DATA payloads are views (frames.Frame); this one is not used as data.
+                self._frame(ftype, flags, sid, cast(bytes, payload), events)
             return events
         except frames.FrameError as e:
             raise self._fail(ProtocolError(e.reason, str(e)))

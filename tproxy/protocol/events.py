@@ -54,8 +54,10 @@ class DataReceived(Event):
 
     stream_id: int
     """The stream they belong to."""
-    data: bytes
-    """The bytes, in order; never empty."""
+    data: bytes | memoryview
+    """The bytes, in order; never empty.  A ``memoryview`` of the received
+    bytes (not a copy): hand it to ``sendmsg``/``send`` as it is, and make
+    ``bytes`` of it only where it must be kept."""
 
 
 @frozen

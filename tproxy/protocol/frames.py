@@ -7,10 +7,11 @@ order) followed by ``length`` payload bytes.
 
 The encoders return ``bytes`` objects meant for ``transport.writeSequence``:
 a DATA frame is its header plus the caller's own payload object, never a copy.
-The decoder accepts any split of the byte stream; a payload that arrives in one
-piece is sliced from the caller's chunk once, a payload that spans several
-chunks is joined once from views of them.  A header's length is checked against
-the limit before anything is buffered for it, so a 4 GiB length allocates nothing.
+The decoder accepts any split of the byte stream; a DATA payload that arrives in
+one piece is handed out as a ``memoryview`` of the caller's chunk (no copy), a
+payload that spans several chunks is joined once from views of them.  A header's
+length is checked against the limit before anything is buffered for it, so a
+4 GiB length allocates nothing.
 """
 
 from __future__ import annotations
@@ -270,8 +271,14 @@ def parse_preface(data: bytes) -> int:
 #: Buffered pieces up to this size are merged (see ``FrameDecoder._keep``).
 _MERGE_LIMIT = 4096
 
+#: A byte string as the DATA path passes it on: ``bytes``, or a ``memoryview`` of
+#: immutable bytes (a slice of a read, never copied).
+Chunk = bytes | memoryview
+
 #: A decoded frame: (type, flags, stream id, payload).  Plain tuple: the DATA path is hot.
-Frame = tuple[int, int, int, bytes]
+#: A DATA payload is a ``memoryview`` (of the fed bytes, or of the one join of a
+#: payload that spanned reads); every other payload is ``bytes``.
+Frame = tuple[int, int, int, Chunk]
 
 
 class FrameDecoder:
@@ -301,21 +308,24 @@ class FrameDecoder:
         """Bytes received but not yet part of a returned frame."""
         return self._have
 
-    def _take(self, n: int) -> bytes:
-        """Remove and return the first ``n`` buffered bytes (one join at most)."""
+    def _take(self, n: int, view: bool = False) -> Chunk:
+        """Remove and return the first ``n`` buffered bytes (one join at most).
+
+        ``view``: a payload within one buffered piece comes back as a view of it.
+        """
         chunks = self._chunks
         first = chunks[0]
         if len(first) > n:
             chunks[0] = first[n:]
             self._have -= n
-            return first[:n].tobytes()
+            return first[:n] if view else first[:n].tobytes()
         if len(first) == n:
             del chunks[0]
             self._have -= n
             obj = first.obj
             if type(obj) is bytes and len(obj) == n:
                 return obj  # A whole chunk of the caller's: passed on, not copied.
-            return first.tobytes()
+            return first if view else first.tobytes()
         parts: list[memoryview] = []
         need = n
         while need:
@@ -329,7 +339,8 @@ class FrameDecoder:
                 chunks[0] = c[need:]
                 need = 0
         self._have -= n
-        return b"".join(parts)
+        joined = b"".join(parts)
+        return memoryview(joined) if view else joined
 
     def _keep(self, data: bytes, pos: int) -> None:
         """Buffer ``data[pos:]``, the start of a unit that is not complete yet.
@@ -383,7 +394,7 @@ class FrameDecoder:
                 self._have += need
                 pos += need
             if self.preface_window is None:
-                self.preface_window = parse_preface(self._take(PREFACE.size))
+                self.preface_window = parse_preface(bytes(self._take(PREFACE.size)))
             elif self._header is None:
                 hdr = HEADER.unpack(self._take(HEADER_SIZE))
                 self._check(hdr)
@@ -391,10 +402,14 @@ class FrameDecoder:
             else:
                 ftype, flags, sid, length = self._header
                 self._header = None
-                out.append((ftype, flags, sid, self._take(length) if length else b""))
+                out.append(
+                    (ftype, flags, sid, self._take(length, ftype == 0) if length else b"")
+                )
         # Fast path: nothing buffered, slice frames straight from the caller's chunk.
         unpack = HEADER.unpack_from
         limit = self.max_payload
+        if view is None:
+            view = memoryview(data)
         while n - pos >= HEADER_SIZE:
             ftype, flags, sid, length = unpack(data, pos)
             if length > limit:
@@ -403,11 +418,10 @@ class FrameDecoder:
             if end > n:
                 break
             start = pos + HEADER_SIZE
-            out.append((ftype, flags, sid, data[start:end]))
+            # DATA: a view of the read (no copy); control frames: bytes for their parsers.
+            out.append((ftype, flags, sid, view[start:end] if ftype == 0 else data[start:end]))
             pos = end
         if pos < n:
-            if view is None:
-                view = memoryview(data)
             self._chunks.append(view[pos:] if pos else view)
             self._have = n - pos
         return out
