@@ -740,7 +740,9 @@ def load_case(path: Path) -> CorpusCase:
 
 def _event_text(e: Event) -> str:
     """An event as corpus files write it: ``Name(field, field, ...)`` with reprs."""
-    values = ", ".join(repr(getattr(e, a.name)) for a in attrs.fields(type(e)))
+    fields = (getattr(e, a.name) for a in attrs.fields(type(e)))
+    # DATA payloads are memoryviews: written as the bytes they show.
+    values = ", ".join(repr(bytes(v) if type(v) is memoryview else v) for v in fields)
     return f"{type(e).__name__}({values})"
 
 
