@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs
-from tproxy.link_connect import connect_tcp
+from tproxy.link_connect import ConnectDeadlines, connect_tcp
 from tproxy.metrics import BridgeStats, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
@@ -174,6 +174,7 @@ class _Piped:
 
     def __len__(self) -> int:
         return self.n
+
 
 #: Refusals a root link logs one by one per second; beyond that they are counted
 #: and summed up in one line (a hostile inner must not be able to flood the log).
@@ -1105,6 +1106,8 @@ class RootLink(LinkProtocol):
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         #: Connect with ``link_connect`` (a real reactor, no endpoint given).
         self._lean_connect = endpoint_for is None and isinstance(reactor, PosixReactorBase)
+        #: The lean connects' timeouts: one timer for the link, not one per stream.
+        self._deadlines = ConnectDeadlines(reactor)
         self._per_guest: dict[str, int] = {}
         self._idle_call: IDelayedCall | None = None
         #: Reading from the UNIX socket is paused because the inner does not read.
@@ -1161,6 +1164,7 @@ class RootLink(LinkProtocol):
             )
             self._refusals_unlogged = 0
         super().connectionLost(reason)
+        self._deadlines.stop()  # After the streams' connects were cancelled.
 
     def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
@@ -1314,6 +1318,7 @@ class RootLink(LinkProtocol):
                 self.limits.connect_timeout,
                 self._connect_failed,
                 s,
+                self._deadlines,
             )
             return
         try:
