@@ -1427,8 +1427,9 @@ class InnerLink(LinkProtocol):
     """The inner proxy's end of its link to the root.
 
     ``guest_factory(port)`` gives the factory for the listening endpoint of a
-    service port: each accepted guest connection opens one stream, stays
-    paused until the root's answer, and is reset (RST) if the root refuses.
+    service port: each accepted guest connection opens one stream, sends up to
+    ``EARLY_DATA_MAX`` bytes early (docs/protocol.md) and is then paused until
+    the root's answer, and is reset (RST) if the root refuses.
     ``on_config`` receives the root's CONFIG pushes.
     """
 
