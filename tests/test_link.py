@@ -126,9 +126,7 @@ class OpenTests(unittest.TestCase):
         self.assertEqual(len(h.reactor.tcpClients), 1)
         host, port, _f, timeout, _b = h.reactor.tcpClients[0]
         self.assertEqual((host, port, timeout), ("10.11.12.13", 5030, 5.0))
-        # Nothing came with the accept: the guest is read while opening (early data).
-        self.assertTrue(g.reading)
-        self.assertEqual(h.inner.counters.accepted, 0)
+        self.assertFalse(g.reading, "guest must stay paused until the open result")
         h.service()
         self.assertTrue(g.reading)
         self.assertEqual((h.root.counters.accepted, h.inner.counters.accepted), (1, 1))
@@ -262,10 +260,10 @@ class EarlyDataTests(unittest.TestCase):
     def early_guest(self, h: Harness, sock: _GuestSocket) -> FakeTransport:
         """A guest whose socket held ``sock``'s bytes when the inner accepted it."""
 
-        def send_early(s: Any) -> int:
+        def send_early(s: Any) -> None:
             s._sock = sock
             try:
-                return InnerLink._send_early(h.inner, s)
+                InnerLink._send_early(h.inner, s)
             finally:
                 s._sock = None
 
@@ -337,52 +335,6 @@ class EarlyDataTests(unittest.TestCase):
         self.assertTrue(g.aborted)
         h.pump()
         self.assertEqual(h.inner.counters.resets_sent, {Reason.ABORTED: 1})
-
-
-class ReadWhileOpeningTests(unittest.TestCase):
-    """Nothing came with the accept: the guest is read while opening, up to EARLY_DATA_MAX."""
-
-    def test_read_while_opening(self) -> None:
-        """Bytes read before the OPEN_RESULT go early; past the budget the guest pauses."""
-        h = Harness()
-        g = h.guest()
-        self.assertTrue(g.reading)
-        g.protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
-        h.pump()
-        self.assertTrue(g.reading)
-        g.protocol.dataReceived(b"x" * EARLY_DATA_MAX)
-        h.pump()
-        self.assertFalse(g.reading, "early data is bounded")
-        s = h.service()
-        self.assertTrue(g.reading)
-        self.assertEqual(s.take(), b"GET / HTTP/1.1\r\n\r\n" + b"x" * EARLY_DATA_MAX)
-
-    def test_fin_while_opening(self) -> None:
-        """A FIN read while opening is carried as HALF_CLOSE once the stream is open."""
-        h = Harness()
-        g = h.guest()
-        g.protocol.dataReceived(b"req")
-        g.peer_eof()
-        h.pump()
-        s = h.service()
-        self.assertEqual(s.take(), b"req")
-        self.assertTrue(s.write_closed)
-        s.protocol.dataReceived(b"resp")
-        s.peer_eof()
-        h.pump()
-        self.assertEqual(g.take(), b"resp")
-        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
-
-    def test_refused_after_reading_while_opening(self) -> None:
-        """Bytes read while opening a refused stream are dropped and counted nowhere."""
-        h = Harness()
-        g = h.guest()
-        g.protocol.dataReceived(b"hello")
-        h.pump()
-        h.service_fails(error.ConnectionRefusedError())
-        self.assertTrue(g.aborted)
-        self.assertEqual(h.inner.link_counters()["bytes_to_link"], 0)
-        self.assertEqual(h.root.metrics.port(5030).bytes_to_service, 0)
 
 
 class SpliceTests(unittest.TestCase):
@@ -588,8 +540,7 @@ class FlushSoonTests(unittest.TestCase):
         h.root._batch_flush = True
         g = h.guest()
         s = h.service()
-        # its OPEN_RESULT waits for the end of the turn
-        self.assertEqual(h.inner.counters.accepted, 0)
+        self.assertFalse(g.reading)  # its OPEN_RESULT waits for the end of the turn
         s.protocol.dataReceived(b"hello")
         h.pump()
         self.assertEqual(h.inner.counters.accepted, 1)

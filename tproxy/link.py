@@ -66,8 +66,7 @@ PING_TIMEOUT = 30.0
 STATS_INTERVAL = 2.0
 
 # Why a stream's TCP socket is not being read (bit flags; read when none is set).
-_PAUSE_OPENING = 1  # inner: waiting for OPEN_RESULT, early data sent
-_OPENING = StreamState.OPENING
+_PAUSE_OPENING = 1  # inner: waiting for OPEN_RESULT
 _PAUSE_WINDOW = 2  # send window spent, backlog waiting
 _PAUSE_LINK = 4  # UNIX socket's write buffer full
 
@@ -335,17 +334,12 @@ class _StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         link = self.link
-        state = link.conn.stream_state(self.stream_id)
-        if self.ended or state is StreamState.CLOSED:
+        if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
             return
         n = len(data)
         self.sent += n
         self.active = True
-        if state is _OPENING:  # Inner: early data, up to EARLY_DATA_MAX.
-            self.early += n
-            if self.early >= EARLY_DATA_MAX:
-                self.set_pause(_PAUSE_OPENING)
-        elif (n >= BULK_READ) is not self._bulk and self._tcp_do_read is not None:
+        if (n >= BULK_READ) is not self._bulk and self._tcp_do_read is not None:
             self._set_bulk(not self._bulk)
         conn = link.conn
         conn.send_data(self.stream_id, data)
@@ -1531,44 +1525,36 @@ class InnerLink(LinkProtocol):
             )
             s.transport.abortConnection()  # type: ignore[union-attr]
             return
+        s.set_pause(_PAUSE_OPENING)
+        if self._link_paused:
+            s.set_pause(_PAUSE_LINK)
         s.stream_id = self.conn.open_stream(s.service_port, host, gport)
         if self.counting:
             self.counters.opened += 1
         self._streams[s.stream_id] = s
-        got = self._send_early(s)
+        self._send_early(s)
         self.flush_soon()
-        if got < 0:
-            return  # The guest's socket failed: it is being reset.
-        if got or self._link_paused:
-            s.set_pause(_PAUSE_OPENING)  # The rest waits for the OPEN_RESULT.
-        if self._link_paused:
-            s.set_pause(_PAUSE_LINK)
-        if not s._pause:
-            # Nothing there yet: read while opening, up to EARLY_DATA_MAX (dataReceived).
-            s.transport.resumeProducing()  # type: ignore[union-attr]
 
-    def _send_early(self, s: _StreamProtocol) -> int:
+    def _send_early(self, s: _StreamProtocol) -> None:
         """Send what the guest already sent as early data, behind the OPEN.
 
         One non-blocking recv of at most ``EARLY_DATA_MAX`` right after accept:
-        a client's request is often there by then, and the root can write it
+        a client's request is usually there by then, and the root can write it
         to the service as soon as its connect succeeds, without waiting for the
         OPEN_RESULT to come back and the guest's socket to be read then.
-        Returns the bytes sent, 0 when none were there (or EOF), -1 when the
-        socket failed (the guest is reset).
         """
         sock = s._sock
         if sock is None:
-            return 0
+            return
         try:
             data = sock.recv(EARLY_DATA_MAX)
         except (BlockingIOError, InterruptedError):
-            return 0
+            return
         except OSError:
             s.transport.abortConnection()  # type: ignore[union-attr]
-            return -1
+            return
         if not data:
-            return 0  # EOF: the reader finds it again.
+            return  # EOF: the reader finds it again once the stream is open.
         n = len(data)
         s.sent += n
         s.early = n
@@ -1576,7 +1562,6 @@ class InnerLink(LinkProtocol):
         conn.send_data(s.stream_id, data)
         if conn.buffered(s.stream_id):
             s.set_pause(_PAUSE_WINDOW)
-        return n
 
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamAccepted):
@@ -1593,9 +1578,6 @@ class InnerLink(LinkProtocol):
                         port=s.service_port,
                     )
                 s.clear_pause(_PAUSE_OPENING)
-                if s._read_eof:  # The guest's FIN came while opening: carry it now.
-                    self.conn.half_close(event.stream_id)
-                    self.flush_soon()
         elif isinstance(event, ev.StreamRefused):
             if self.counting:
                 _bump(self.counters.refused, event.reason)
