@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import error
@@ -12,7 +14,7 @@ from twisted.trial import unittest
 
 from tests.fake_transport import FakeTransport
 from tproxy.config import Limits
-from tproxy.link import InnerLink, RootLink
+from tproxy.link import EARLY_DATA_MAX, InnerLink, RootLink
 from tproxy.model import Destination
 from tproxy.protocol import frames as fr
 from tproxy.protocol.frames import Reason
@@ -234,6 +236,104 @@ class OpenTests(unittest.TestCase):
         g.peer_reset()
         h.pump()
         self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual(h.inner.counters.resets_sent, {Reason.ABORTED: 1})
+
+
+class _GuestSocket:
+    """What ``_send_early``'s one non-blocking recv finds on a guest socket."""
+
+    def __init__(self, *reads: bytes | OSError) -> None:
+        self.reads = list(reads)
+        self.asked: list[int] = []
+
+    def recv(self, n: int) -> bytes:
+        self.asked.append(n)
+        r = self.reads.pop(0) if self.reads else BlockingIOError()
+        if isinstance(r, OSError):
+            raise r
+        return r
+
+
+class EarlyDataTests(unittest.TestCase):
+    """The inner sends the guest's first bytes behind the OPEN; the root holds them."""
+
+    def early_guest(self, h: Harness, sock: _GuestSocket) -> FakeTransport:
+        """A guest whose socket held ``sock``'s bytes when the inner accepted it."""
+
+        def send_early(s: Any) -> None:
+            s._sock = sock
+            try:
+                InnerLink._send_early(h.inner, s)
+            finally:
+                s._sock = None
+
+        h.inner._send_early = send_early  # type: ignore[method-assign]
+        return h.guest()
+
+    def test_early_data_reaches_the_service_first(self) -> None:
+        """Early bytes are written to the service when its connect succeeds, before later ones."""
+        h = Harness()
+        sock = _GuestSocket(b"GET /small HTTP/1.1\r\n\r\n")
+        g = self.early_guest(h, sock)
+        self.assertEqual(sock.asked, [EARLY_DATA_MAX])
+        self.assertFalse(g.reading, "the rest waits for the open result")
+        [root_stream] = h.root._streams.values()
+        self.assertEqual(root_stream.held, [b"GET /small HTTP/1.1\r\n\r\n"])
+        s = h.service()
+        self.assertTrue(g.reading)
+        g.protocol.dataReceived(b"more")
+        h.pump()
+        self.assertEqual(s.take(), b"GET /small HTTP/1.1\r\n\r\nmore")
+        self.assertEqual(h.inner.link_counters()["bytes_to_link"], 27)
+        s.protocol.dataReceived(b"reply")
+        s.peer_eof()
+        h.pump()
+        g.peer_eof()
+        h.pump()
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        port = h.root.metrics.port(5030)
+        self.assertEqual((port.bytes_to_service, port.bytes_to_guest), (27, 5))
+        self.assertEqual(h.inner.counters.bytes_to_link, 27)
+
+    def test_refused_early_data_is_dropped_and_not_counted(self) -> None:
+        """A refused open drops the early bytes: the guest is reset, no byte is counted."""
+        h = Harness()
+        g = self.early_guest(h, _GuestSocket(b"hello"))
+        h.service_fails(error.ConnectionRefusedError())
+        self.assertTrue(g.aborted)
+        self.assertEqual(h.inner.counters.refused, {Reason.REFUSED: 1})
+        self.assertEqual((h.inner.counters.bytes_to_link, h.root.counters.bytes_from_link), (0, 0))
+        port = h.root.metrics.port(5030)
+        self.assertEqual((port.bytes_to_service, port.bytes_to_guest), (0, 0))
+
+    def test_unknown_service_drops_early_data(self) -> None:
+        """Early data for a port the root does not know is ignored with the refused stream."""
+        h2 = Harness(services={})
+        g2 = self.early_guest(h2, _GuestSocket(b"hello"))
+        self.assertTrue(g2.aborted)
+        self.assertEqual(h2.inner.counters.refused, {Reason.UNKNOWN_SERVICE: 1})
+        self.assertEqual(h2.inner.counters.bytes_to_link, 0)
+
+    def test_guest_leaves_while_connecting(self) -> None:
+        """A guest reset while opening cancels the connect; its early bytes are not counted."""
+        h = Harness()
+        g = self.early_guest(h, _GuestSocket(b"hello"))
+        g.peer_reset()
+        h.pump()
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual(h.inner.counters.bytes_to_link, 0)
+
+    def test_nothing_yet_or_eof_or_error(self) -> None:
+        """No bytes yet or EOF: nothing early; a socket error resets the guest."""
+        h = Harness()
+        g = self.early_guest(h, _GuestSocket())
+        self.assertFalse(g.aborted)
+        self.assertEqual(h.root._streams[1].held, None)
+        g = self.early_guest(h, _GuestSocket(b""))
+        self.assertFalse(g.aborted)
+        g = self.early_guest(h, _GuestSocket(ConnectionResetError()))
+        self.assertTrue(g.aborted)
+        h.pump()
         self.assertEqual(h.inner.counters.resets_sent, {Reason.ABORTED: 1})
 
 

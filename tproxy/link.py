@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs
-from tproxy.link_connect import connect_tcp
+from tproxy.link_connect import ConnectDeadlines, connect_tcp
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
@@ -74,6 +74,11 @@ _PING = struct.Struct("!Q")
 
 #: Read size and write high-water mark of a stream's TCP socket.
 STREAM_BUFFER = 1 << 18
+
+#: Inner: the most of a guest's first bytes read right after accept and sent
+#: as early data behind the OPEN (docs/protocol.md, "Early data"); the rest
+#: waits for the OPEN_RESULT as before.
+EARLY_DATA_MAX = 1 << 16
 
 #: Every stream's clean end, one instance for all (Twisted's reactor shares its own too).
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
@@ -139,6 +144,7 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
                 return
     t.writeSequence([_as_bytes(c) for c in chunks])
 
+
 #: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
 #: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
 #: frame); also the size of each read from the UNIX socket.
@@ -168,6 +174,7 @@ class _Piped:
 
     def __len__(self) -> int:
         return self.n
+
 
 #: Refusals a root link logs one by one per second; beyond that they are counted
 #: and summed up in one line (a hostile inner must not be able to flood the log).
@@ -289,6 +296,8 @@ class _StreamProtocol(Protocol):
         self.active = True  # data moved since the last idle sweep
         self.received = 0  # link -> TCP
         self.ended = False
+        self.early = 0  # inner: early-data bytes in sent, not counted if the open fails
+        self.held: list[bytes] | None = None  # root: early data held until connected
 
     # -- pausing reading from the TCP socket
 
@@ -473,7 +482,13 @@ class _StreamProtocol(Protocol):
     # -- the link's side
 
     def deliver(self, data: Chunk) -> None:
-        """Stream data from the link: write it, credit it now or when the socket drains."""
+        """Stream data from the link: write it, credit it now or when the socket drains.
+
+        Early data (root, stream still connecting) is held until the connection is made.
+        """
+        if self.transport is None:
+            self.hold([data])
+            return
         self.received += len(data)
         self.active = True
         _write_now(self.transport, self._sock, data)
@@ -482,10 +497,21 @@ class _StreamProtocol(Protocol):
         else:
             self.link.conn.consumed(self.stream_id, len(data))
 
+    def hold(self, chunks: list[Chunk]) -> None:
+        """Root: keep early data until the service's connection is made (copies: small)."""
+        held = [bytes(c) for c in chunks]
+        if self.held is None:
+            self.held = held
+        else:
+            self.held.extend(held)
+
     def deliver_all(self, chunks: list[Chunk]) -> None:
         """Consecutive DATA payloads of one link read: one ``sendmsg``, one credit."""
         if len(chunks) == 1:
             self.deliver(chunks[0])  # a plain send (keep-alive requests, responses)
+            return
+        if self.transport is None:
+            self.hold(chunks)
             return
         n = 0
         for c in chunks:
@@ -926,7 +952,10 @@ class LinkProtocol(Protocol):
 
     def _tcp_lost(self, s: _StreamProtocol, reason: Failure) -> None:
         """A stream's TCP connection is gone: if the stream still lives, reset it."""
-        if s.stream_id and self.conn.stream_state(s.stream_id) is not StreamState.CLOSED:
+        state = self.conn.stream_state(s.stream_id) if s.stream_id else StreamState.CLOSED
+        if state is not StreamState.CLOSED:
+            if state is StreamState.OPENING:
+                s.sent -= s.early  # Early data that never reached the service.
             if not self._lost:
                 self.conn.reset(s.stream_id, Reason.ABORTED)
                 if self.counting:
@@ -1097,6 +1126,8 @@ class RootLink(LinkProtocol):
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         #: Connect with ``link_connect`` (a real reactor, no endpoint given).
         self._lean_connect = endpoint_for is None and isinstance(reactor, PosixReactorBase)
+        #: The lean connects' timeouts: one timer for the link, not one per stream.
+        self._deadlines = ConnectDeadlines(reactor)
         self._per_guest: dict[str, int] = {}
         self._idle_call: IDelayedCall | None = None
         #: Reading from the UNIX socket is paused because the inner does not read.
@@ -1153,6 +1184,7 @@ class RootLink(LinkProtocol):
             )
             self._refusals_unlogged = 0
         super().connectionLost(reason)
+        self._deadlines.stop()  # After the streams' connects were cancelled.
 
     def _tcp_endpoint(self, dest: Destination) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self.reactor  # type: ignore[assignment]
@@ -1306,6 +1338,7 @@ class RootLink(LinkProtocol):
                 self.limits.connect_timeout,
                 self._connect_failed,
                 s,
+                self._deadlines,
             )
             return
         try:
@@ -1345,6 +1378,10 @@ class RootLink(LinkProtocol):
             self.counters.accepted += 1
             stats.accepted += 1
             stats.latency.record(self.reactor.seconds() - s.opened_at)
+        held = s.held
+        if held is not None:  # Early data, in order, before anything else.
+            s.held = None
+            s.deliver_all(held)  # type: ignore[arg-type]
         if logs.debug_enabled:
             self._log.debug(
                 "{link}: stream {sid} open: guest {guest} -> {dest} (service port {port})",
@@ -1404,8 +1441,9 @@ class InnerLink(LinkProtocol):
     """The inner proxy's end of its link to the root.
 
     ``guest_factory(port)`` gives the factory for the listening endpoint of a
-    service port: each accepted guest connection opens one stream, stays
-    paused until the root's answer, and is reset (RST) if the root refuses.
+    service port: each accepted guest connection opens one stream, sends up to
+    ``EARLY_DATA_MAX`` bytes early (docs/protocol.md) and is then paused until
+    the root's answer, and is reset (RST) if the root refuses.
     ``on_config`` receives the root's CONFIG pushes.
     """
 
@@ -1514,7 +1552,36 @@ class InnerLink(LinkProtocol):
         if self.counting:
             self.counters.opened += 1
         self._streams[s.stream_id] = s
+        self._send_early(s)
         self.flush_soon()
+
+    def _send_early(self, s: _StreamProtocol) -> None:
+        """Send what the guest already sent as early data, behind the OPEN.
+
+        One non-blocking recv of at most ``EARLY_DATA_MAX`` right after accept:
+        a client's request is usually there by then, and the root can write it
+        to the service as soon as its connect succeeds, without waiting for the
+        OPEN_RESULT to come back and the guest's socket to be read then.
+        """
+        sock = s._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(EARLY_DATA_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            s.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if not data:
+            return  # EOF: the reader finds it again once the stream is open.
+        n = len(data)
+        s.sent += n
+        s.early = n
+        conn = self.conn
+        conn.send_data(s.stream_id, data)
+        if conn.buffered(s.stream_id):
+            s.set_pause(_PAUSE_WINDOW)
 
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamAccepted):
@@ -1536,6 +1603,8 @@ class InnerLink(LinkProtocol):
                 _bump(self.counters.refused, event.reason)
             s = self._streams.get(event.stream_id)
             if s is not None:
+                s.sent -= s.early  # The root dropped the early data.
+                s.early = 0
                 self._log.info(
                     "{link}: guest {guest} on port {port} refused by the root ({reason})",
                     link=self.name,

@@ -1,13 +1,13 @@
-"""The inner proxy's listening endpoint: guest connections not read before their stream opens.
+"""The inner proxy's listening endpoint: guest connections not registered for reading at once.
 
-Why: every accepted guest connection waits, unread, for the root's OPEN_RESULT
-(``tproxy.link``: a stream in OPENING must not send data). Twisted's
-``tcp.Server`` registers the new socket for reading as it is built, and the
-stream then pauses it at once: two ``epoll_ctl`` (add, delete) per connection
-for nothing, before the third that starts reading once the root accepts. A
-``GuestServer`` skips that first registration (and the log prefix and repr
-strings ``tcp.Server`` formats per connection); the stream's own resume (its
-producer's ``resumeProducing``) starts reading when the stream opens.
+Why: an accepted guest connection is read once by the stream itself (early
+data, ``tproxy.link``), then waits for the root's OPEN_RESULT. Twisted's
+``tcp.Server`` registers the new socket for reading as it is built, and
+the stream paused it at once: two ``epoll_ctl`` (add, delete) per connection
+for nothing, before the third that starts reading. A ``GuestServer`` skips
+that first registration (and the log prefix and repr strings ``tcp.Server``
+formats per connection); the stream's own resume (its producer's
+``resumeProducing``) starts reading when the stream opens.
 
 ``GuestEndpoint`` is ``TCP4ServerEndpoint`` with ``GuestPort`` for
 ``tcp.Port``; nothing else differs (backlog, interface, errors).

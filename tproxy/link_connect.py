@@ -15,11 +15,17 @@ on success; on failure ``on_failed(Failure, arg)`` with the exceptions
 Twisted's own connect raises - ``error.getConnectError`` of the errno (so
 ``ConnectionRefusedError`` and the same messages), ``error.TimeoutError``
 after ``timeout`` seconds, ``defer.CancelledError`` after ``cancel()``.
+
+The timeouts of one link's attempts share one timer (``ConnectDeadlines``):
+a ``callLater`` per connect and its ``cancel`` a few milliseconds later were
+a DelayedCall, a heap push and a lazy heap removal in the reactor per stream.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import os
 import socket
 from collections.abc import Callable
@@ -64,6 +70,8 @@ class OutgoingConnection(tcp.Connection):
         self._on_failed = on_failed
         self._arg = arg
         self._timer: IDelayedCall | None = None
+        #: This attempt's entry in a ``ConnectDeadlines`` (instead of ``_timer``).
+        self._deadline: list[Any] | None = None
         self.doWrite = self._connect_done  # type: ignore[method-assign]
 
     def _connect_done(self) -> None:
@@ -74,9 +82,7 @@ class OutgoingConnection(tcp.Connection):
             return
         self._connecting = False
         del self.doWrite
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_timer()
         self.startReading()
         self.stopWriting()
         self.connected = 1
@@ -86,15 +92,22 @@ class OutgoingConnection(tcp.Connection):
         if not self._connecting:
             return
         self._connecting = False
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_timer()
         self.stopWriting()
         self.socket.close()
         self._on_failed(Failure(exc), self._arg)
 
+    def _stop_timer(self) -> None:
+        entry, self._deadline = self._deadline, None
+        if entry is not None:
+            entry[2] = None  # ConnectDeadlines skips (and drops) it.
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _timed_out(self) -> None:
         self._timer = None
+        self._deadline = None
         self._fail(error.TimeoutError())
 
     def cancel(self) -> None:
@@ -120,6 +133,64 @@ class OutgoingConnection(tcp.Connection):
         return address.IPv4Address("TCP", *self.socket.getpeername())
 
 
+class ConnectDeadlines:
+    """The connect timeouts of one link: one reactor timer for all its attempts.
+
+    Entries ``[deadline, seq, conn]`` wait in a heap; an attempt that ends
+    sets its entry's ``conn`` to None, and the sweep drops such entries. The
+    timer is always set for the earliest entry, so a timeout fires when it is
+    due, as a ``callLater`` of its own would. What this holds is bounded by
+    the connects of the last ``timeout`` seconds (small lists, no transports).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+        self._call: IDelayedCall | None = None
+        self._at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, conn: OutgoingConnection, timeout: float) -> None:
+        """Fail ``conn`` with ``TimeoutError`` unless it ended within ``timeout`` seconds."""
+        at = self._reactor.seconds() + timeout
+        entry = [at, next(self._seq), conn]
+        heapq.heappush(self._heap, entry)
+        conn._deadline = entry
+        if self._call is None or at < self._at:
+            self._schedule(at)
+
+    def _schedule(self, at: float) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._at = at
+        self._call = self._reactor.callLater(max(0.0, at - self._reactor.seconds()), self._sweep)
+
+    def _sweep(self) -> None:
+        self._call = None
+        heap = self._heap
+        now = self._reactor.seconds()
+        while heap and (heap[0][0] <= now or heap[0][2] is None):
+            conn = heapq.heappop(heap)[2]
+            if conn is not None:
+                conn._timed_out()
+        if heap and self._call is None:
+            self._schedule(heap[0][0])
+
+    def stop(self) -> None:
+        """The link is gone: no more sweeps (its attempts were cancelled)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        for entry in self._heap:
+            conn = entry[2]
+            if conn is not None:
+                conn._deadline = None
+        self._heap.clear()
+
+
 def connect_tcp(
     reactor: Any,
     host: str,
@@ -128,11 +199,13 @@ def connect_tcp(
     timeout: float,
     on_failed: OnFailed,
     arg: Any = None,
+    deadlines: ConnectDeadlines | None = None,
 ) -> OutgoingConnection:
     """Connect ``protocol`` to ``host:port`` (an IPv4 address); the attempt can be cancelled.
 
     Failures, immediate ones included, are reported through ``on_failed``
-    from the reactor, never raised into the caller.
+    from the reactor, never raised into the caller. The timeout is one of
+    ``deadlines`` when given, else a ``callLater`` of its own.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     conn = OutgoingConnection(reactor, sock, protocol, on_failed, arg)
@@ -146,5 +219,8 @@ def connect_tcp(
         return conn
     # Connected at once (result 0) or in progress: the first writable event says.
     conn.startWriting()
-    conn._timer = reactor.callLater(timeout, conn._timed_out)
+    if deadlines is not None:
+        deadlines.add(conn, timeout)
+    else:
+        conn._timer = reactor.callLater(timeout, conn._timed_out)
     return conn

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from tproxy.protocol import frames as fr
 from tproxy.protocol.connection import (
+    MAX_CONCURRENT_STREAMS,
     TRANSITIONS,
     Connection,
     ProtocolError,
@@ -40,10 +41,12 @@ def pump(src: Connection, dst: Connection) -> list[Event]:
     return dst.receive_data(data) if data else []
 
 
-def pair(window: int = fr.DEFAULT_WINDOW) -> tuple[Connection, Connection]:
+def pair(
+    window: int = fr.DEFAULT_WINDOW, max_streams: int = MAX_CONCURRENT_STREAMS
+) -> tuple[Connection, Connection]:
     """An inner and a root connection that exchanged their prefaces."""
     inner = Connection(Role.INNER, initial_window=window)
-    root = Connection(Role.ROOT, initial_window=window)
+    root = Connection(Role.ROOT, initial_window=window, max_streams=max_streams)
     assert pump(inner, root) == []
     assert pump(root, inner) == []
     return inner, root
@@ -73,6 +76,91 @@ def raw_inner() -> Connection:
     inner.receive_data(fr.encode_preface())
     inner.data_to_send()
     return inner
+
+
+class EarlyDataTests(unittest.TestCase):
+    """The inner sends DATA behind its OPEN; the root gets it before answering."""
+
+    def test_early_data_then_accept(self) -> None:
+        """Early data arrives with the OPEN, is charged to the window, and the stream goes on."""
+        inner, root = pair(window=100)
+        sid = inner.open_stream(5030, "169.254.3.4", 41000)
+        inner.send_data(sid, b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(inner.send_window(sid), 100 - 18)
+        self.assertEqual(
+            pump(inner, root),
+            [
+                OpenRequested(sid, 5030, "169.254.3.4", 41000),
+                DataReceived(sid, b"GET / HTTP/1.0\r\n\r\n"),
+            ],
+        )
+        self.assertEqual(root.stream_state(sid), StreamState.OPENING)
+        self.assertEqual(root.recv_window(sid), 100 - 18)
+        root.accept(sid)
+        root.consumed(sid, 18)  # Under a quarter window: no WINDOW_UPDATE yet.
+        self.assertEqual(pump(root, inner), [StreamAccepted(sid)])
+        self.assertEqual(inner.send_window(sid), 100 - 18)  # Not reset by the OPEN_RESULT.
+        inner.send_data(sid, b"x" * 82)
+        self.assertEqual(inner.send_window(sid), 0)
+        inner.send_data(sid, b"y")
+        self.assertEqual(inner.buffered(sid), 1)
+        self.assertEqual(pump(inner, root), [DataReceived(sid, b"x" * 82)])
+        root.consumed(sid, 82)
+        self.assertEqual(pump(root, inner), [StreamWritable(sid)])
+        self.assertEqual(pump(inner, root), [DataReceived(sid, b"y")])
+
+    def test_early_data_beyond_window_waits(self) -> None:
+        """Early data beyond the window waits for credit, which comes after the accept."""
+        inner, root = pair(window=8)
+        sid = inner.open_stream(5030, "169.254.3.4", 41000)
+        inner.send_data(sid, b"0123456789")
+        self.assertEqual(inner.buffered(sid), 2)
+        self.assertEqual(pump(inner, root)[1:], [DataReceived(sid, b"01234567")])
+        root.accept(sid)
+        root.consumed(sid, 8)
+        self.assertEqual(pump(root, inner), [StreamAccepted(sid), StreamWritable(sid)])
+        self.assertEqual(pump(inner, root), [DataReceived(sid, b"89")])
+
+    def test_early_data_refused(self) -> None:
+        """A refused open closes the stream; early data still in flight is ignored."""
+        inner, root = pair()
+        sid = inner.open_stream(9999, "169.254.3.4", 1)
+        inner.send_data(sid, b"early")
+        self.assertEqual(len(pump(inner, root)), 2)
+        root.refuse(sid, Reason.UNKNOWN_SERVICE)
+        inner.send_data(sid, b"crossing")  # Sent before the refusal arrived.
+        self.assertEqual(pump(inner, root), [])
+        self.assertEqual(pump(root, inner), [StreamRefused(sid, Reason.UNKNOWN_SERVICE)])
+        self.assertEqual((inner.stream_count, root.stream_count), (0, 0))
+
+    def test_early_data_to_an_automatic_refusal(self) -> None:
+        """Early data for an open the connection refused itself (too many streams) is ignored."""
+        inner, root = pair(max_streams=1)
+        first = inner.open_stream(5030, "169.254.3.4", 1)
+        second = inner.open_stream(5030, "169.254.3.4", 2)
+        inner.send_data(second, b"early")
+        self.assertEqual(pump(inner, root), [OpenRequested(first, 5030, "169.254.3.4", 1)])
+        self.assertEqual(pump(root, inner), [StreamRefused(second, Reason.TOO_MANY_STREAMS)])
+
+    def test_opened_before_the_roots_preface(self) -> None:
+        """Without the root's preface the window is unknown: early data waits for the accept."""
+        inner = Connection(Role.INNER)
+        root = Connection(Role.ROOT, initial_window=16)
+        sid = inner.open_stream(5030, "169.254.3.4", 1)
+        inner.send_data(sid, b"early")
+        self.assertEqual((inner.send_window(sid), inner.buffered(sid)), (0, 5))
+        self.assertEqual(pump(inner, root), [OpenRequested(sid, 5030, "169.254.3.4", 1)])
+        root.accept(sid)
+        self.assertEqual(pump(root, inner), [StreamAccepted(sid), StreamWritable(sid)])
+        self.assertEqual(inner.send_window(sid), 11)
+        self.assertEqual(pump(inner, root), [DataReceived(sid, b"early")])
+
+    def test_root_may_not_send_early(self) -> None:
+        """Only the inner sends early data."""
+        inner, root = pair()
+        sid = inner.open_stream(5030, "169.254.3.4", 1)
+        pump(inner, root)
+        self.assertRaises(UsageError, root.send_data, sid, b"x")
 
 
 class StreamLifecycleTests(unittest.TestCase):
@@ -486,11 +574,13 @@ class UsageTests(unittest.TestCase):
         self.assertRaises(UsageError, inner.open_stream, 0, "169.254.0.1", 1)
 
     def test_state_checks(self) -> None:
-        """Data before the stream is open, or twice accepting, is refused."""
+        """Root data or a half-close before the stream is open, or twice accepting, is refused."""
         inner, root = pair()
         sid = inner.open_stream(1, "169.254.0.1", 1)
-        self.assertRaises(UsageError, inner.send_data, sid, b"early")
+        self.assertRaises(UsageError, inner.half_close, sid)
         pump(inner, root)
+        self.assertRaises(UsageError, root.send_data, sid, b"early")
+        self.assertRaises(UsageError, root.half_close, sid)
         root.accept(sid)
         self.assertRaises(UsageError, root.accept, sid)
         root.half_close(sid)
@@ -558,11 +648,26 @@ class ViolationTests(unittest.TestCase):
         self.assertViolation(root, data, Reason.PROTOCOL_ERROR, "reuses stream id")
 
     def test_wrong_state(self) -> None:
-        """DATA on a stream still opening is refused."""
+        """DATA to the inner on a stream still opening is refused (early data is inner -> root)."""
+        inner = raw_inner()
+        sid = inner.open_stream(5030, "169.254.0.1", 1)
+        data = fr.header(FrameType.DATA, sid, 1) + b"x"
+        self.assertViolation(inner, data, Reason.PROTOCOL_ERROR, "DATA in state opening")
+
+    def test_early_data_over_window(self) -> None:
+        """Early data counts against the root's initial window like any DATA."""
+        root = Connection(Role.ROOT, initial_window=4)
+        root.receive_data(fr.encode_preface())
+        root.receive_data(fr.encode_open(1, 5030, "169.254.0.1", 1))
+        data = fr.header(FrameType.DATA, 1, 5) + b"12345"
+        self.assertViolation(root, data, Reason.FLOW_CONTROL_ERROR, "exceed window")
+
+    def test_half_close_while_opening(self) -> None:
+        """HALF_CLOSE on a stream still opening is refused: only DATA may come early."""
         root = raw_root()
         root.receive_data(fr.encode_open(1, 5030, "169.254.0.1", 1))
-        data = fr.header(FrameType.DATA, 1, 1) + b"x"
-        self.assertViolation(root, data, Reason.PROTOCOL_ERROR, "DATA in state opening")
+        data = fr.encode_half_close(1)
+        self.assertViolation(root, data, Reason.PROTOCOL_ERROR, "HALF_CLOSE in state opening")
 
     def test_half_close_twice(self) -> None:
         """A second HALF_CLOSE on a stream is refused."""

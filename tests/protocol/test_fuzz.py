@@ -288,10 +288,17 @@ class _Driver:
         for sid in conn.stream_ids():
             state = conn.stream_state(sid)
             c = tape.below(6)
-            sending = state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+            sending = state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) or (
+                state is StreamState.OPENING and conn.role is Role.INNER  # early data
+            )
             if c == 1 and sending and sid not in self.half_closed:
                 conn.send_data(sid, b"d" * (1 + tape.below(700)))
-            elif c == 2 and sending and sid not in self.half_closed:
+            elif (
+                c == 2
+                and sending
+                and state is not StreamState.OPENING
+                and sid not in self.half_closed
+            ):
                 self.half_closed.add(sid)
                 conn.half_close(sid)
             elif c == 3:
@@ -326,7 +333,9 @@ class _Side:
         sids = conn.stream_ids()
         sid = sids[tape.below(len(sids))] if sids else 0
         state = conn.stream_state(sid)
-        sending = state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+        sending = state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) or (
+            state is StreamState.OPENING and conn.role is Role.INNER  # early data
+        )
         c = tape.below(12)
         if c <= 2:
             if conn.role is Role.INNER and conn.may_open:
@@ -339,7 +348,9 @@ class _Side:
                     conn.accept(opened)
         elif c <= 5 and sending and sid not in self.half_closed:
             conn.send_data(sid, bytes(1 + tape.below(3000)))
-        elif c == 6 and sending and sid not in self.half_closed:
+        elif (
+            c == 6 and sending and state is not StreamState.OPENING and sid not in self.half_closed
+        ):
             self.half_closed.add(sid)
             conn.half_close(sid)
         elif c == 7 and sids and tape.rare(3):
@@ -729,7 +740,9 @@ def load_case(path: Path) -> CorpusCase:
 
 def _event_text(e: Event) -> str:
     """An event as corpus files write it: ``Name(field, field, ...)`` with reprs."""
-    values = ", ".join(repr(getattr(e, a.name)) for a in attrs.fields(type(e)))
+    fields = (getattr(e, a.name) for a in attrs.fields(type(e)))
+    # DATA payloads are memoryviews: written as the bytes they show.
+    values = ", ".join(repr(bytes(v) if type(v) is memoryview else v) for v in fields)
     return f"{type(e).__name__}({values})"
 
 

@@ -34,6 +34,13 @@ What lives where:
   waits in the stream's ``pending`` list (``buffered`` says how much: the
   caller pauses its source while it is non-zero) and goes out when credit
   arrives, after which a ``StreamWritable`` event tells the caller to resume.
+* Early data: the inner may send DATA on a stream that is still OPENING
+  (the guest's first bytes travel right behind the OPEN), charged to the
+  root's initial window like any DATA; the root receives it as ordinary
+  ``DataReceived`` events before it answers, and a refusal simply closes the
+  stream (the bytes are the caller's to drop).  ``TRANSITIONS`` allows DATA
+  in OPENING both ways; the role check (only the inner sends it, only the
+  root receives it) is made in ``send_data`` and ``receive_data``.
 * Any protocol error makes the connection terminal: a GO_AWAY with the
   reason is queued for the peer, ``error`` is set, ``receive_data`` raises
   again, and commands do nothing.
@@ -121,6 +128,10 @@ TRANSITIONS: dict[tuple[StreamState, Input], StreamState] = {
     (S.OPENING, I.RECV_ACCEPT): S.OPEN,
     (S.OPENING, I.SEND_REFUSE): S.CLOSED,
     (S.OPENING, I.RECV_REFUSE): S.CLOSED,
+    # Early data: the inner may send DATA before the OPEN_RESULT (role-checked:
+    # only the inner sends it, only the root receives it; docs/protocol.md 5).
+    (S.OPENING, I.SEND_DATA): S.OPENING,
+    (S.OPENING, I.RECV_DATA): S.OPENING,
     (S.OPEN, I.SEND_DATA): S.OPEN,
     (S.OPEN, I.RECV_DATA): S.OPEN,
     (S.OPEN, I.SEND_HALF_CLOSE): S.HALF_CLOSED_LOCAL,
@@ -169,7 +180,8 @@ class _Stream:
 
     def __init__(self, state: StreamState, recv_window: int) -> None:
         self.state = state
-        #: Credit the peer granted us (set when the stream opens).
+        #: Credit the peer granted us; -1 until known (an inner that opened
+        #: before the peer's preface arrived: its data waits for the OPEN_RESULT).
         self.send_window = 0
         #: Credit we granted the peer.
         self.recv_window = recv_window
@@ -183,6 +195,7 @@ class _Stream:
 
 
 _RECV_DATA = Input.RECV_DATA
+_OPENING = StreamState.OPENING
 _HEADER_PACK = frames.HEADER.pack
 _DATA = int(FrameType.DATA)
 _FRAME_TYPES = {t.value: t for t in FrameType}
@@ -258,7 +271,7 @@ class Connection:
     def send_window(self, stream_id: int) -> int:
         """Credit left for sending on a stream (0 for a closed one)."""
         st = self._streams.get(stream_id)
-        return st.send_window if st is not None else 0
+        return max(st.send_window, 0) if st is not None else 0
 
     def recv_window(self, stream_id: int) -> int:
         """Credit the peer has left on a stream (0 for a closed one)."""
@@ -310,6 +323,9 @@ class Connection:
         st = _Stream(S.IDLE, self.initial_window)
         self._streams[sid] = st
         self._transition(st, sid, I.SEND_OPEN)
+        # Early data is charged to the root's initial window from the start.
+        w = self._decoder.preface_window
+        st.send_window = -1 if w is None else w
         self._out.append(frame)
         return sid
 
@@ -349,7 +365,12 @@ class Connection:
         st = self._command_stream(stream_id)
         if st is None or not data:
             return
-        if st.fin_queued or (st.state is not S.OPEN and st.state is not S.HALF_CLOSED_REMOTE):
+        state = st.state
+        if st.fin_queued or (
+            state is not S.OPEN
+            and state is not S.HALF_CLOSED_REMOTE
+            and (state is not S.OPENING or self.role is not Role.INNER)
+        ):
             raise UsageError(f"stream {stream_id}: no data may be sent in state {st.state.value}")
         n = len(data)
         if st.pending is None and n <= st.send_window:
@@ -552,7 +573,7 @@ class Connection:
                     st = streams.get(sid)
                     if st is not None:
                         nxt = TRANSITIONS.get((st.state, _RECV_DATA))
-                        if nxt is None:
+                        if nxt is None or (nxt is _OPENING and self.role is Role.INNER):
                             raise ProtocolError(
                                 Reason.PROTOCOL_ERROR,
                                 f"stream {sid}: DATA in state {st.state.value}",
@@ -611,8 +632,11 @@ class Connection:
             reason = frames.parse_reason(payload, allow_ok=True)
             if reason is Reason.OK:
                 self._recv_transition(st, sid, I.RECV_ACCEPT, kind)
-                st.send_window = self._peer_window()
                 events.append(StreamAccepted(sid))
+                if st.send_window < 0:  # Opened before the root's preface came.
+                    st.send_window = self._peer_window()
+                    if st.pending is not None and self._flush(sid, st):
+                        events.append(StreamWritable(sid))
             else:
                 self._recv_transition(st, sid, I.RECV_REFUSE, kind)
                 events.append(StreamRefused(sid, reason))
