@@ -110,14 +110,16 @@ class LatencyWindow:
 
     def record(self, seconds: float) -> None:
         """Add one sample, replacing the oldest once the ring is full."""
-        self.count += 1
+        cells = self._cells  # count, _next: indexed directly, no descriptor calls
+        cells[0] += 1
         self._total[0] += seconds
         samples = self._samples
         if len(samples) < self.size:
             samples.append(seconds)
         else:
-            samples[self._next] = seconds
-            self._next = (self._next + 1) % self.size
+            i = cells[1]
+            samples[i] = seconds
+            cells[1] = (i + 1) % self.size
 
     def recent(self) -> list[float]:
         """The samples in the window (any order)."""
