@@ -274,8 +274,10 @@ def warm_up() -> None:
                      "log_namespace": "warm", "log_time": 0.0})
     finally:
         _drop_buffered_log()
-        for fd in (reactor._poller.fileno(),):
-            os.close(fd)
+        # Through the epoll object, not os.close of its number: the object
+        # would close that number again when the collector frees it, by then
+        # perhaps another descriptor (it broke a socket of a later test).
+        reactor._poller.close()
         waker: object = getattr(reactor, "waker", None)
         for name in ("i", "o", "fd"):
             fd = getattr(waker, name, None)
