@@ -135,14 +135,23 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
         except OSError:
             n = 0
         if n:
-            for i, c in enumerate(chunks):
-                if n < len(c):
-                    chunks = [c[n:], *chunks[i + 1 :]]
-                    break
-                n -= len(c)
-            else:
+            chunks = _unsent(chunks, n)
+            if not chunks:
                 return
     t.writeSequence([_as_bytes(c) for c in chunks])
+
+
+def _unsent(chunks: list[Chunk], n: int) -> list[Chunk]:
+    """What of ``chunks`` a gathered send of ``n`` bytes left (a view of the one it split)."""
+    for i, c in enumerate(chunks):
+        k = len(c)
+        if n < k:
+            rest = chunks[i:]
+            if n:
+                rest[0] = memoryview(c)[n:]
+            return rest
+        n -= k
+    return []
 
 
 #: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
@@ -704,18 +713,9 @@ class LinkProtocol(Protocol):
             except OSError:
                 t.abortConnection()  # type: ignore[attr-defined]
                 return
-            i = 0
-            for c in chunks:
-                k = len(c)
-                if n < k:
-                    break
-                n -= k
-                i += 1
-            else:
+            chunks = _unsent(chunks, n)
+            if not chunks:
                 return
-            chunks = chunks[i:]
-            if n:
-                chunks[0] = memoryview(c)[n:]
         wq.extend(chunks)
         for c in chunks:
             self._wq_len += len(c)
