@@ -107,7 +107,16 @@ class TableTests(unittest.TestCase):
         self.assertIn("(a) upload ≥ 0.45× direct: 0.50× - holds", out)
         self.assertIn("(b) ≥ 0.30× direct: not measured", out)
         self.assertIn("(d) p50 with bulk ≤ 1.5× haproxy chain's: inf× - MISSED", out)
-        self.assertIn("(h) ≤ 5 MiB PSS per extra bridge: 5.56 MiB - MISSED", out)
+        self.assertIn("(h) ≤ 5 MB (4.77 MiB) PSS per extra bridge: 5.56 MiB - MISSED", out)
+
+
+    def test_limits_are_decimal(self) -> None:
+        """The issue's 5 MB and 8 KB are decimal: 4.9 MiB per bridge and 7.9 KiB are over them."""
+        results = {"one-tproxy": {"f_per_conn": [7.9]}}
+        bridges = {"one-tproxy": {1: 20480, 11: 20480 + 10 * 4.9 * 1024}}
+        out = "\n".join(bm.targets(results, bridges))
+        self.assertIn("(h) ≤ 5 MB (4.77 MiB) PSS per extra bridge: 4.90 MiB - MISSED", out)
+        self.assertIn("(f) ≤ 8 KB (7.81 KiB) per held connection: 7.9 KiB - MISSED", out)
 
 
 class CountingCostTests(unittest.TestCase):
