@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import types
 from collections.abc import Callable
 
 from twisted.trial import unittest
@@ -165,3 +166,124 @@ class TemplateTests(unittest.TestCase):
             return taken > 0 and holes() < before
 
         self._in_child(check)
+
+
+def _outer(n: int) -> Callable[[], int]:
+    """A function whose nested code makes closures (for the relocation tests)."""
+
+    def inner() -> int:
+        return n * 2
+
+    return inner
+
+
+def _plain(x: int) -> int:
+    return x + 1
+
+
+class HotCodeTests(unittest.TestCase):
+    """The hot code list and the relocation of the code objects it names."""
+
+    def test_code_key_names_the_module(self) -> None:
+        """A code object's key is its module's name and its qualified name, no file or line."""
+        key = template.code_key(_plain.__code__, template._modules_by_file())
+        self.assertEqual(key, (__name__, "_plain"))
+        self.assertEqual(
+            template.code_key(_plain.__code__, {}), (_plain.__code__.co_filename, "_plain")
+        )
+
+    def test_load_hot_code(self) -> None:
+        """Lines are ``module<TAB>qualname``; comments, blank and broken lines are skipped."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# a comment\tx\n\nm\tA.f\nno tab here\nn\t<lambda>\n")
+        self.assertEqual(template.load_hot_code(path), {("m", "A.f"), ("n", "<lambda>")})
+        self.assertEqual(template.load_hot_code(self.mktemp()), set())
+
+    def test_shipped_list_still_names_live_code(self) -> None:
+        """Most entries of tproxy/template_hot.txt name code of the preloaded modules (else
+        regenerate it: ``bench/bench_pages.py --record``)."""
+        import importlib
+
+        for name in template.PRELOAD:
+            importlib.import_module(name)
+        keys = template.load_hot_code()
+        self.assertGreater(len(keys), 100)
+        by_file = template._modules_by_file()
+        live = {
+            template.code_key(f.__code__, by_file)
+            for f in gc.get_objects()
+            if type(f) is types.FunctionType
+        }
+        found = len(keys & live)
+        self.assertGreater(found, 0.8 * len(keys), sorted(keys - live)[:20])
+
+    def test_relocate_moves_hot_code(self) -> None:
+        """A hot function gets an equal copy of its code; closures made later use the copy."""
+
+        def check() -> bool:
+            old_plain, old_outer = _plain.__code__, _outer.__code__
+            hot = {("", "_plain"), ("", "_outer"), ("", "_outer.<locals>.inner")}
+            moved = template.relocate_code(lambda co: ("", co.co_qualname) in hot)
+            nested = [c for c in _outer.__code__.co_consts if isinstance(c, types.CodeType)]
+            return (
+                moved == 3
+                and _plain.__code__ is not old_plain
+                and _plain.__code__ == old_plain
+                and _outer.__code__ is not old_outer
+                and _outer(4)() == 8
+                and _plain(1) == 2
+                and _outer(1).__code__ is nested[0]
+                and old_plain in template._OLD_CODE
+            )
+
+        self._in_child(check)
+
+    def test_relocate_leaves_code_held_elsewhere(self) -> None:
+        """A code object something else holds (a list, say) keeps its place."""
+
+        def check() -> bool:
+            held = [_plain.__code__]
+            moved = template.relocate_code(lambda co: co.co_qualname == "_plain")
+            return moved == 0 and _plain.__code__ is held[0]
+
+        self._in_child(check)
+
+    def test_relocate_nothing_hot(self) -> None:
+        """Nothing hot: nothing is copied."""
+        self.assertEqual(template.relocate_code(lambda co: False), 0)
+
+    def test_preload_relocates_only_when_asked(self) -> None:
+        """preload moves the listed code when it warms up (or is told to), not otherwise."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"{__name__}\t_plain\n")
+        self.patch(template, "HOT_CODE", path)
+
+        def check(relocate: bool | None, moves: bool) -> Callable[[], bool]:
+            def run() -> bool:
+                old = _plain.__code__
+                template.preload(("json",), warm=False, relocate=relocate)
+                gc.unfreeze()
+                return (_plain.__code__ is not old) == moves
+
+            return run
+
+        self._in_child(check(None, False))
+        self._in_child(check(True, True))
+
+    def test_record_code(self) -> None:
+        """record_code appends the key of each code object first called, once."""
+        path = self.mktemp()
+        template.record_code(path)
+        try:
+            _plain(1)
+            _plain(2)
+        finally:
+            sys.setprofile(None)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(lines.count(f"{__name__}\t_plain"), 1)
+
+    def _in_child(self, check: Callable[[], bool]) -> None:
+        TemplateTests._in_child(self, check)  # type: ignore[arg-type]

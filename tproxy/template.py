@@ -43,6 +43,7 @@ import socket
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Sequence
 
 CONTROL_FD = 3
@@ -80,14 +81,19 @@ PRELOAD = (
 
 
 def preload(
-    modules: Sequence[str] = PRELOAD, warm: bool = True, config: str | None = None
+    modules: Sequence[str] = PRELOAD,
+    warm: bool = True,
+    config: str | None = None,
+    relocate: bool | None = None,
 ) -> None:
     """Import ``modules`` (never the global reactor), warm up, collect, then freeze the GC.
 
     ``config``: the configuration file, read here once into
     ``tproxy.runtime.CONFIG_CACHE`` so that every inner proxy reuses it while
     the file is unchanged (a file that cannot be used is left to the inner
-    proxy, which logs why).
+    proxy, which logs why). ``relocate`` (default: as ``warm``) packs the code
+    objects an inner proxy runs (:data:`HOT_CODE`) side by side
+    (:func:`relocate_code`), once the allocators' free space is filled.
     """
     had_reactor = "twisted.internet.reactor" in sys.modules
     for name in modules:
@@ -117,7 +123,138 @@ def preload(
     gc.collect()
     fill_pools()
     fill_heap()
+    if warm if relocate is None else relocate:
+        relocate_code(hot_code_test(load_hot_code()))
     gc.freeze()
+
+
+#: The code an inner proxy runs, one ``module<TAB>qualname`` a line, recorded
+#: from real inner proxies by ``bench/bench_pages.py --record``.
+HOT_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template_hot.txt")
+#: Environment variable: when set in the template's environment, each child
+#: records the code it runs (``record_code``) to ``$ONE_TPROXY_RECORD_CODE.PID``.
+RECORD_ENV = "ONE_TPROXY_RECORD_CODE"
+
+CodeKey = tuple[str, str]
+
+
+def _modules_by_file() -> dict[str, str]:
+    """Source file -> module name, for the modules loaded now."""
+    found: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            found.setdefault(path, name)
+    return found
+
+
+def code_key(code: types.CodeType, by_file: dict[str, str]) -> CodeKey:
+    """``(module, qualified name)`` of a code object: what :data:`HOT_CODE` lists.
+
+    The module rather than the file (paths differ between installations; a
+    frozen module's file is ``<frozen NAME>``), and no line number (edits
+    move it): two code objects of one module with one qualified name (two
+    lambdas of one function) share a key, and are both moved.
+    """
+    name = code.co_filename
+    return (by_file.get(name, name), code.co_qualname)
+
+
+def load_hot_code(path: str | None = None) -> set[CodeKey]:
+    """The keys listed in ``path`` (default :data:`HOT_CODE`); none when it cannot be read."""
+    keys: set[CodeKey] = set()
+    try:
+        with open(path or HOT_CODE, encoding="utf-8") as f:
+            for line in f:
+                module, sep, qualname = line.rstrip("\n").partition("\t")
+                if sep and module and qualname and not module.startswith("#"):
+                    keys.add((module, qualname))
+    except OSError:
+        pass
+    return keys
+
+
+def hot_code_test(keys: set[CodeKey]) -> Callable[[types.CodeType], bool]:
+    """Whether a code object is one of ``keys``."""
+    by_file = _modules_by_file()
+    return lambda code: code_key(code, by_file) in keys
+
+
+#: The code objects :func:`relocate_code` replaced: kept alive, so that their
+#: memory never becomes free space a child's allocations would land in.
+_OLD_CODE: list[types.CodeType] = []
+
+
+def relocate_code(hot: Callable[[types.CodeType], bool]) -> int:
+    """Give every function whose code is ``hot`` a fresh copy of it, all copies side by side.
+
+    Why (docs/performance.md, "Memory per bridge and after close", 2026-11-27):
+    CPython 3.11 writes the reference count of a function's code object on
+    every call (the frame holds it) and its warm-up counter and inline caches
+    until it is specialized, so each code object an inner proxy runs copies
+    the template's page it lies on. Code objects are made at import, in the
+    middle of everything else a module holds: the ~450 an inner proxy runs
+    (~180 KB) lay on ~370 pages. Copied here, after the allocators' free
+    space was filled (:func:`fill_pools`, :func:`fill_heap`), they come out
+    of fresh pools and the top of the heap, packed: each child copies a
+    fraction of those pages. The copy is the same code (``code.replace()``:
+    same constants, names, file and lines); a function's ``__code__`` may be
+    replaced by one with the same free variables. Nested code objects are
+    copied into their copied parent's constants. A code object something
+    else holds (a list of code objects, say, compared by identity) is left
+    where it is. Returns how many code objects were copied.
+    """
+    functions = [f for f in gc.get_objects() if type(f) is types.FunctionType]
+    candidates = {id(f.__code__): f.__code__ for f in functions if hot(f.__code__)}
+    if not candidates:
+        return 0
+    pinned: set[int] = set()
+    for holder in gc.get_objects():
+        if type(holder) in (types.FunctionType, tuple):
+            continue
+        for ref in gc.get_referents(holder):
+            if id(ref) in candidates:
+                pinned.add(id(ref))
+    new: dict[int, types.CodeType] = {}
+
+    def copy(code: types.CodeType) -> types.CodeType:
+        done = new.get(id(code))
+        if done is not None:
+            return done
+        consts = code.co_consts
+        if any(type(c) is types.CodeType and hot(c) for c in consts):
+            consts = tuple(
+                copy(c) if type(c) is types.CodeType and hot(c) else c for c in consts
+            )
+        made = code.replace(co_consts=consts)
+        new[id(code)] = made
+        _OLD_CODE.append(code)
+        return made
+
+    for f in functions:
+        if id(f.__code__) in candidates and id(f.__code__) not in pinned:
+            f.__code__ = copy(f.__code__)
+    return len(new)
+
+
+def record_code(path: str) -> None:
+    """From now on append ``module<TAB>qualname`` of each code object first called to ``path``.
+
+    For ``bench/bench_pages.py --record`` (it sets :data:`RECORD_ENV`), which
+    makes :data:`HOT_CODE` from what real inner proxies run. A profiler hook:
+    slow, for measurements only.
+    """
+    by_file = _modules_by_file()
+    seen: set[int] = set()
+    out = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the process's life
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call" and id(frame.f_code) not in seen:
+            seen.add(id(frame.f_code))
+            module, qualname = code_key(frame.f_code, by_file)
+            out.write(f"{module}\t{qualname}\n")
+
+    sys.setprofile(profile)
 
 
 #: Objects that fill the template's allocator pools (see :func:`fill_pools`); kept for good.
@@ -547,6 +684,9 @@ class Template:
             if link_fd != LINK_FD:
                 os.dup2(link_fd, LINK_FD)
                 os.close(link_fd)
+            record = os.environ.get(RECORD_ENV)
+            if record:
+                record_code(f"{record}.{os.getpid()}")
             rc = self.entry([bridge, *self.inner_args])
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
