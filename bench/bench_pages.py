@@ -332,16 +332,8 @@ def table(title: str, header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) 
     return lines
 
 
-def report(template: int, inners: list[int], top: int, keep: str | None) -> list[str]:
-    work = keep or tempfile.mkdtemp(prefix="bench-pages-")
-    analyses = []
-    for pid in inners:
-        a = Analysis(template, pid)
-        a.scan()
-        analyses.append(a)
-    first = analyses[0]
-    diffs = first.diffs()
-    # now ask the template where its objects are (this perturbs the template only)
+def dump_template(template: int, work: str) -> tuple[Objects, str]:
+    """Where the template's objects lie (this perturbs the template only); gdb's output."""
     dump = os.path.join(work, "objects.txt")
     runner = os.path.join(work, "run.py")
     script = os.path.join(HERE, "template_objects.py")
@@ -351,7 +343,19 @@ def report(template: int, inners: list[int], top: int, keep: str | None) -> list
     gdb_out = gdb_template(template, runner)
     if not os.path.exists(dump):
         raise SystemExit(f"the template wrote no object dump; gdb said:\n{gdb_out}")
-    objects = Objects(dump)
+    return Objects(dump), gdb_out
+
+
+def report(template: int, inners: list[int], top: int, keep: str | None) -> list[str]:
+    work = keep or tempfile.mkdtemp(prefix="bench-pages-")
+    analyses = []
+    for pid in inners:
+        a = Analysis(template, pid)
+        a.scan()
+        analyses.append(a)
+    first = analyses[0]
+    diffs = first.diffs()
+    objects, gdb_out = dump_template(template, work)
     tmaps = maps(template)
     lib = next((m.path for m in tmaps if "libpython" in os.path.basename(m.path)), "")
     base = min((m.start for m in tmaps if m.path == lib), default=0)

@@ -45,7 +45,9 @@ def _tproxy_dump(path):  # noqa: C901 - one walk, kept in one place
         if t is type(_sys):
             return obj.__name__, obj.__name__
         if isinstance(obj, type):
-            return str(obj.__dict__.get("__module__", owner)), obj.__qualname__
+            # "class:QUALNAME:ID": bench_pages.py reads the class's version tag at ID
+            module = type.__dict__["__module__"].__get__(obj)
+            return str(module), f"class:{obj.__qualname__}:{id(obj)}"
         if t.__name__ == "function":
             return str(getattr(obj, "__module__", owner)), obj.__qualname__
         if t.__name__ == "code":

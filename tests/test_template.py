@@ -40,6 +40,21 @@ class TemplateTests(unittest.TestCase):
         for fd in fds:
             os.fstat(fd)  # raises if something closed it
 
+    def test_declare_interfaces(self) -> None:
+        """Our classes get their interface declarations before the fork, not in each child."""
+
+        def check() -> bool:
+            from tproxy.inner import InnerService
+            from tproxy.link import InnerLink
+
+            made = template.declare_interfaces()
+            return made > 10 and all(
+                "__implemented__" in vars(cls) and "__provides__" in vars(cls)
+                for cls in (InnerService, InnerLink)
+            )
+
+        self._in_child(check)
+
     def test_preload_freezes(self) -> None:
         """preload imports what it is told and freezes the collector."""
         self.addCleanup(gc.unfreeze)
