@@ -30,6 +30,13 @@ class TemplateTests(unittest.TestCase):
         self.assertEqual(len(after - before), 0, after - before)
         self.assertEqual("twisted.internet.reactor" in sys.modules, had_reactor)
 
+    def test_warm_up_makes_the_legacy_log_lock(self) -> None:
+        """After the warm-up, the legacy log publisher has its lock (not made in each child)."""
+        from twisted.python import log as legacy_log
+
+        template.warm_up()
+        self.assertIn("_threadable_lock", vars(legacy_log.theLogPublisher))
+
     def test_warm_up_closes_nothing_later(self) -> None:
         """Descriptors opened after the warm-up survive the collection of its reactor."""
         template.warm_up()

@@ -104,11 +104,12 @@ def preload(
     if warm:
         warm_up()
         declare_interfaces()
-    from tproxy.privileges import process_libc
+    from tproxy.privileges import RealLibc, process_libc
     from tproxy.runtime import CONFIG_CACHE, _load_libc
 
     _load_libc()
     process_libc()
+    RealLibc().last_cap()
     _fork_function()
     if not hasattr(os, "setns"):  # Python < 3.12: enter_netns goes through ctypes
         from tproxy.spawn import _libc_setns
@@ -413,6 +414,13 @@ def warm_up() -> None:
 
         format_event_line({"log_format": "warm {x}", "x": 1, "log_level": LogLevel.info,
                      "log_namespace": "warm", "log_time": 0.0})
+        # Twisted's own ports log through the legacy ``twisted.python.log.msg``,
+        # whose publisher makes its lock and the thread's context tracker the
+        # first time: here, once, rather than in every child. (Buffered only;
+        # dropped below.)
+        from twisted.python import log as legacy_log
+
+        legacy_log.msg("warm-up")
     finally:
         _drop_buffered_log()
         # Through the epoll object, not os.close of its number: the object
