@@ -261,6 +261,20 @@ class HotCodeTests(unittest.TestCase):
 
         self._in_child(check)
 
+    def test_relocate_fills_between_plan_and_copies(self) -> None:
+        """``fill`` runs once, after the plan and before the first copy."""
+
+        def check() -> bool:
+            old = id(_plain.__code__)  # an id: a cell holding the code would pin it
+            seen: list[bool] = []
+            template.relocate_code(
+                lambda co: co.co_qualname == "_plain",
+                fill=lambda: seen.append(id(_plain.__code__) == old),
+            )
+            return seen == [True] and id(_plain.__code__) != old
+
+        self._in_child(check)
+
     def test_relocate_leaves_code_held_elsewhere(self) -> None:
         """A code object something else holds (a list, say) keeps its place."""
 

@@ -125,11 +125,10 @@ def preload(
         _drop_buffered_log()
     if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
         raise RuntimeError("the template must not install a reactor")
-    gc.collect()
-    fill_pools()
-    fill_heap()
     if warm if relocate is None else relocate:
-        relocate_code(hot_code_test(load_hot_code()))
+        relocate_code(hot_code_test(load_hot_code()), fill=_fill)
+    else:
+        _fill()
     gc.freeze()
 
 
@@ -190,7 +189,9 @@ def hot_code_test(keys: set[CodeKey]) -> Callable[[types.CodeType], bool]:
 _OLD_CODE: list[types.CodeType] = []
 
 
-def relocate_code(hot: Callable[[types.CodeType], bool]) -> int:
+def relocate_code(
+    hot: Callable[[types.CodeType], bool], fill: Callable[[], object] | None = None
+) -> int:
     """Give every function whose code is ``hot`` a fresh copy of it, all copies side by side.
 
     Why (docs/performance.md, "Memory per bridge and after close", 2026-11-27):
@@ -199,10 +200,13 @@ def relocate_code(hot: Callable[[types.CodeType], bool]) -> int:
     until it is specialized, so each code object an inner proxy runs copies
     the template's page it lies on. Code objects are made at import, in the
     middle of everything else a module holds: the ~450 an inner proxy runs
-    (~180 KB) lay on ~370 pages. Copied here, after the allocators' free
-    space was filled (:func:`fill_pools`, :func:`fill_heap`), they come out
-    of fresh pools and the top of the heap, packed: each child copies a
-    fraction of those pages. The copy is the same code (``code.replace()``:
+    (~180 KB) lay on ~370 pages. Copied here, after ``fill`` took the
+    allocators' free space (:func:`_fill`: :func:`fill_pools`,
+    :func:`fill_heap`), they come out of fresh pools and the top of the heap,
+    packed: each child copies a fraction of those pages. Everything else the
+    relocation needs is made before ``fill`` (the plan, and the ``co_code``
+    bytes CPython caches on each old code object when it is copied), so that
+    nothing lands between the copies. The copy is the same code (``code.replace()``:
     same constants, names, file and lines); a function's ``__code__`` may be
     replaced by one with the same free variables. Nested code objects are
     copied into their copied parent's constants. A code object something
@@ -211,35 +215,49 @@ def relocate_code(hot: Callable[[types.CodeType], bool]) -> int:
     """
     functions = [f for f in gc.get_objects() if type(f) is types.FunctionType]
     candidates = {id(f.__code__): f.__code__ for f in functions if hot(f.__code__)}
-    if not candidates:
-        return 0
     pinned: set[int] = set()
-    for holder in gc.get_objects():
-        if type(holder) in (types.FunctionType, tuple):
-            continue
-        for ref in gc.get_referents(holder):
-            if id(ref) in candidates:
-                pinned.add(id(ref))
-    new: dict[int, types.CodeType] = {}
+    if candidates:
+        for holder in gc.get_objects():
+            if type(holder) in (types.FunctionType, tuple):
+                continue
+            for ref in gc.get_referents(holder):
+                if id(ref) in candidates:
+                    pinned.add(id(ref))
+    # The plan, made before ``fill`` so that nothing but the copies is made after it.
+    order: list[types.CodeType] = []  # nested code before the code holding it
+    planned: set[int] = set()
 
-    def copy(code: types.CodeType) -> types.CodeType:
-        done = new.get(id(code))
-        if done is not None:
-            return done
+    def plan(code: types.CodeType) -> None:
+        if id(code) in planned:
+            return
+        planned.add(id(code))
+        for const in code.co_consts:
+            if type(const) is types.CodeType and hot(const):
+                plan(const)
+        order.append(code)
+
+    for code in candidates.values():
+        if id(code) not in pinned:
+            plan(code)
+    for code in order:
+        code.co_code  # noqa: B018 - CPython caches these bytes on the code object: now, not between the copies
+    users = [f for f in functions if id(f.__code__) in planned]
+    new: dict[int, types.CodeType | None] = dict.fromkeys(planned)
+    _OLD_CODE.extend(order)
+    del functions, candidates
+    if fill is not None:
+        fill()
+    for code in order:
         consts = code.co_consts
-        if any(type(c) is types.CodeType and hot(c) for c in consts):
+        if any(type(c) is types.CodeType and id(c) in planned for c in consts):
             consts = tuple(
-                copy(c) if type(c) is types.CodeType and hot(c) else c for c in consts
+                new[id(c)] if type(c) is types.CodeType and id(c) in planned else c
+                for c in consts
             )
-        made = code.replace(co_consts=consts)
-        new[id(code)] = made
-        _OLD_CODE.append(code)
-        return made
-
-    for f in functions:
-        if id(f.__code__) in candidates and id(f.__code__) not in pinned:
-            f.__code__ = copy(f.__code__)
-    return len(new)
+        new[id(code)] = code.replace(co_consts=consts)
+    for f in users:
+        f.__code__ = new[id(f.__code__)]  # type: ignore[assignment]
+    return len(order)
 
 
 def record_code(path: str) -> None:
@@ -260,6 +278,13 @@ def record_code(path: str) -> None:
             out.write(f"{module}\t{qualname}\n")
 
     sys.setprofile(profile)
+
+
+def _fill() -> None:
+    """Collect, then take the free space of the allocators (before the fork)."""
+    gc.collect()
+    fill_pools()
+    fill_heap()
 
 
 #: Objects that fill the template's allocator pools (see :func:`fill_pools`); kept for good.
