@@ -69,6 +69,16 @@ class TemplateTests(unittest.TestCase):
         self.assertIn("json", sys.modules)
         self.assertGreater(gc.get_freeze_count(), 0)
 
+    def test_preload_empties_the_type_cache(self) -> None:
+        """The last thing before the freeze: CPython's type attribute cache is emptied."""
+        calls: list[int] = []
+        self.patch(sys, "_clear_type_cache", lambda: calls.append(gc.get_freeze_count()))
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        template.preload(("json",), warm=False)
+        self.assertEqual(calls, [0])
+        self.assertGreater(gc.get_freeze_count(), 0)
+
     def test_preload_looks_up_libc_once(self) -> None:
         """preload leaves the C library handles the inner proxy uses already made."""
         from tproxy import privileges, runtime
