@@ -39,11 +39,11 @@ class _Cleanups:
                 print(f"cleanup: {e}", file=sys.stderr)
 
 
-def pss_kib(pid: int) -> int:
-    """PSS of ``pid`` in KiB."""
+def pss_kib(pid: int, field: str = "Pss") -> int:
+    """PSS of ``pid`` in KiB (or another ``field`` of its smaps_rollup: ``Private_Dirty``)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Pss:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -61,24 +61,46 @@ def mesh_pids(host: Host) -> list[int]:
     return pids
 
 
+def start_mesh(
+    cleanups: _Cleanups,
+    bridges: int,
+    spawn: bool = False,
+    prefix: str = "tqm",
+    config_age: float = 0.0,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[Host, list[str]]:
+    """A throw-away hypervisor with ``bridges`` bridges and the mesh serving them.
+
+    ``config_age``: seconds to date the configuration file back (a file
+    written in the last 2 s is read again by every inner proxy, not taken
+    from the template's cache). Returns the host and its inner proxies' names.
+    """
+    host = Host(cleanups, prefix=prefix)
+    names = []
+    for _ in range(bridges):
+        br = host.add_bridge()
+        host.build_tproxy_state(br, {5030: ("127.0.0.1", 5030)})
+        names.append(f"one_tproxy_{br}")
+    host.write_config(config_yaml([], debug_level=2))
+    if config_age:
+        old = time.time() - config_age
+        os.utime(host.config_path, (old, old))
+    argv = daemonctl.twistd_argv(Paths(host.config_path, host.log_dir, host.run_dir))
+    if spawn:
+        argv.insert(argv.index("one-tproxy") + 1, "--spawn")
+    env = daemonctl._plugin_pythonpath(host.env)
+    env.update(extra_env or {})
+    host.used_tproxy = True
+    host.run(argv, env=env, check=True)
+    wait_until(lambda: set(names) <= set(host.proxies()), timeout=30, message="inners")
+    return host, names
+
+
 def measure(bridges: int, spawn: bool) -> int:
     """Total PSS (KiB) of a mesh serving ``bridges`` bridges."""
     cleanups = _Cleanups()
     try:
-        host = Host(cleanups, prefix="tqm")
-        names = []
-        for _ in range(bridges):
-            br = host.add_bridge()
-            host.build_tproxy_state(br, {5030: ("127.0.0.1", 5030)})
-            names.append(f"one_tproxy_{br}")
-        host.write_config(config_yaml([], debug_level=2))
-        argv = daemonctl.twistd_argv(Paths(host.config_path, host.log_dir, host.run_dir))
-        if spawn:
-            argv.insert(argv.index("one-tproxy") + 1, "--spawn")
-        env = daemonctl._plugin_pythonpath(host.env)
-        host.used_tproxy = True
-        host.run(argv, env=env, check=True)
-        wait_until(lambda: set(names) <= set(host.proxies()), timeout=30, message="inners")
+        host, _ = start_mesh(cleanups, bridges, spawn)
         time.sleep(1.0)  # let start-up garbage settle
         return sum(pss_kib(pid) for pid in mesh_pids(host))
     finally:

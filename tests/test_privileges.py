@@ -95,6 +95,31 @@ class DropSequenceTests(unittest.TestCase):
         self.assertEqual(mask([0, 10, 40]), 1 | 1 << 10 | 1 << 40)
 
 
+class RealLibcTests(unittest.TestCase):
+    """What the real libc wrapper prepares once (in the template, before it forks)."""
+
+    def test_last_cap_read_once(self) -> None:
+        """The kernel's highest capability is read once and kept for the process tree."""
+        from tproxy import privileges
+
+        self.patch(privileges, "_last_cap", [])
+        first = privileges.RealLibc().last_cap()
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            self.assertEqual(first, int(f.read()))
+        self.assertEqual(privileges._last_cap, [first])
+        privileges._last_cap[0] = 999  # kept, not read again
+        self.assertEqual(privileges.RealLibc().last_cap(), 999)
+
+    def test_capset_types_made_at_import(self) -> None:
+        """capset's argument types and libc's functions exist before any call."""
+        from tproxy import privileges
+
+        self.assertEqual(privileges._CapDataPair._length_, 2)
+        libc = privileges.process_libc()
+        self.assertIn("prctl", vars(libc))
+        self.assertIn("capset", vars(libc))
+
+
 _CHILD = """
 import json, socket
 from tproxy.privileges import drop_capabilities, capability_status

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import types
 from collections.abc import Callable
 
 from twisted.trial import unittest
@@ -29,6 +30,13 @@ class TemplateTests(unittest.TestCase):
         self.assertEqual(len(after - before), 0, after - before)
         self.assertEqual("twisted.internet.reactor" in sys.modules, had_reactor)
 
+    def test_warm_up_makes_the_legacy_log_lock(self) -> None:
+        """After the warm-up, the legacy log publisher has its lock (not made in each child)."""
+        from twisted.python import log as legacy_log
+
+        template.warm_up()
+        self.assertIn("_threadable_lock", vars(legacy_log.theLogPublisher))
+
     def test_warm_up_closes_nothing_later(self) -> None:
         """Descriptors opened after the warm-up survive the collection of its reactor."""
         template.warm_up()
@@ -39,11 +47,36 @@ class TemplateTests(unittest.TestCase):
         for fd in fds:
             os.fstat(fd)  # raises if something closed it
 
+    def test_declare_interfaces(self) -> None:
+        """Our classes get their interface declarations before the fork, not in each child."""
+
+        def check() -> bool:
+            from tproxy.inner import InnerService
+            from tproxy.link import InnerLink
+
+            made = template.declare_interfaces()
+            return made > 10 and all(
+                "__implemented__" in vars(cls) and "__provides__" in vars(cls)
+                for cls in (InnerService, InnerLink)
+            )
+
+        self._in_child(check)
+
     def test_preload_freezes(self) -> None:
         """preload imports what it is told and freezes the collector."""
         self.addCleanup(gc.unfreeze)
         template.preload(("json",), warm=False)
         self.assertIn("json", sys.modules)
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_preload_empties_the_type_cache(self) -> None:
+        """The last thing before the freeze: CPython's type attribute cache is emptied."""
+        calls: list[int] = []
+        self.patch(sys, "_clear_type_cache", lambda: calls.append(gc.get_freeze_count()))
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        template.preload(("json",), warm=False)
+        self.assertEqual(calls, [0])
         self.assertGreater(gc.get_freeze_count(), 0)
 
     def test_preload_looks_up_libc_once(self) -> None:
@@ -165,3 +198,190 @@ class TemplateTests(unittest.TestCase):
             return taken > 0 and holes() < before
 
         self._in_child(check)
+
+
+def _outer(n: int) -> Callable[[], int]:
+    """A function whose nested code makes closures (for the relocation tests)."""
+
+    def inner() -> int:
+        return n * 2
+
+    return inner
+
+
+def _plain(x: int) -> int:
+    return x + 1
+
+
+class _Hot:
+    """A class with a hot method (for the relocation tests)."""
+
+    def method(self) -> int:
+        return 7
+
+
+def _held_by_a_list() -> int:
+    return 3
+
+
+_HOLDER = [_held_by_a_list]
+
+
+class HotCodeTests(unittest.TestCase):
+    """The hot code list and the relocation of the code objects it names."""
+
+    def test_code_key_names_the_module(self) -> None:
+        """A code object's key is its module's name and its qualified name, no file or line."""
+        key = template.code_key(_plain.__code__, template._modules_by_file())
+        self.assertEqual(key, (__name__, "_plain"))
+        self.assertEqual(
+            template.code_key(_plain.__code__, {}), (_plain.__code__.co_filename, "_plain")
+        )
+
+    def test_load_hot_code(self) -> None:
+        """Lines are ``module<TAB>qualname``; comments, blank and broken lines are skipped."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# a comment\tx\n\nm\tA.f\nno tab here\nn\t<lambda>\n")
+        self.assertEqual(template.load_hot_code(path), {("m", "A.f"), ("n", "<lambda>")})
+        self.assertEqual(template.load_hot_code(self.mktemp()), set())
+
+    def test_shipped_list_still_names_live_code(self) -> None:
+        """Most entries of tproxy/template_hot.txt name code of the preloaded modules (else
+        regenerate it: ``bench/bench_pages.py --record``)."""
+        import importlib
+
+        for name in template.PRELOAD:
+            importlib.import_module(name)
+        keys = template.load_hot_code()
+        self.assertGreater(len(keys), 100)
+        by_file = template._modules_by_file()
+        live = {
+            template.code_key(f.__code__, by_file)
+            for f in gc.get_objects()
+            if type(f) is types.FunctionType
+        }
+        found = len(keys & live)
+        self.assertGreater(found, 0.8 * len(keys), sorted(keys - live)[:20])
+
+    def test_relocate_moves_hot_code(self) -> None:
+        """A hot function gets an equal copy of its code; closures made later use the copy."""
+
+        def check() -> bool:
+            old_plain, old_outer = _plain.__code__, _outer.__code__
+            hot = {("", "_plain"), ("", "_outer"), ("", "_outer.<locals>.inner")}
+            moved = template.relocate_code(lambda co: ("", co.co_qualname) in hot)
+            nested = [c for c in _outer.__code__.co_consts if isinstance(c, types.CodeType)]
+            return (
+                moved == 3
+                and _plain.__code__ is not old_plain
+                and _plain.__code__ == old_plain
+                and _outer.__code__ is not old_outer
+                and _outer(4)() == 8
+                and _plain(1) == 2
+                and _outer(1).__code__ is nested[0]
+                and old_plain in template._OLD_CODE
+            )
+
+        self._in_child(check)
+
+    def test_relocate_fills_between_plan_and_copies(self) -> None:
+        """``fill`` runs once, after the plan and before the first copy."""
+
+        def check() -> bool:
+            old = id(_plain.__code__)  # an id: a cell holding the code would pin it
+            seen: list[bool] = []
+            template.relocate_code(
+                lambda co: co.co_qualname == "_plain",
+                fill=lambda: seen.append(id(_plain.__code__) == old),
+            )
+            return seen == [True] and id(_plain.__code__) != old
+
+        self._in_child(check)
+
+    def test_relocate_moves_functions_held_by_dicts(self) -> None:
+        """A hot function held only by namespaces is swapped for a copy; methods too."""
+
+        def check() -> bool:
+            plain, method = id(_plain), id(vars(_Hot)["method"])
+            hot = {"_plain", "_Hot.method"}
+            template.relocate_code(lambda co: co.co_qualname in hot)
+            moved = vars(_Hot)["method"]
+            return (
+                id(_plain) != plain
+                and id(moved) != method
+                and _plain(1) == 2
+                and _Hot().method() == 7
+                and moved.__qualname__ == "_Hot.method"
+                and moved.__module__ == __name__
+                and len(template._OLD_FUNCTIONS) >= 2
+            )
+
+        self._in_child(check)
+
+    def test_relocate_leaves_functions_held_elsewhere(self) -> None:
+        """A function a list holds, or one with a weak reference, stays (its code still moves)."""
+
+        def check() -> bool:
+            import weakref
+
+            listed, code = id(_held_by_a_list), id(_held_by_a_list.__code__)
+            ref = weakref.ref(_plain)
+            template.relocate_code(lambda co: co.co_qualname in ("_held_by_a_list", "_plain"))
+            return (
+                id(_held_by_a_list) == listed
+                and _HOLDER[0] is _held_by_a_list
+                and id(_held_by_a_list.__code__) != code
+                and ref() is _plain
+            )
+
+        self._in_child(check)
+
+    def test_relocate_leaves_code_held_elsewhere(self) -> None:
+        """A code object something else holds (a list, say) keeps its place."""
+
+        def check() -> bool:
+            held = [_plain.__code__]
+            moved = template.relocate_code(lambda co: co.co_qualname == "_plain")
+            return moved == 0 and _plain.__code__ is held[0]
+
+        self._in_child(check)
+
+    def test_relocate_nothing_hot(self) -> None:
+        """Nothing hot: nothing is copied."""
+        self.assertEqual(template.relocate_code(lambda co: False), 0)
+
+    def test_preload_relocates_only_when_asked(self) -> None:
+        """preload moves the listed code when it warms up (or is told to), not otherwise."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"{__name__}\t_plain\n")
+        self.patch(template, "HOT_CODE", path)
+
+        def check(relocate: bool | None, moves: bool) -> Callable[[], bool]:
+            def run() -> bool:
+                old = _plain.__code__
+                template.preload(("json",), warm=False, relocate=relocate)
+                gc.unfreeze()
+                return (_plain.__code__ is not old) == moves
+
+            return run
+
+        self._in_child(check(None, False))
+        self._in_child(check(True, True))
+
+    def test_record_code(self) -> None:
+        """record_code appends the key of each code object first called, once."""
+        path = self.mktemp()
+        template.record_code(path)
+        try:
+            _plain(1)
+            _plain(2)
+        finally:
+            sys.setprofile(None)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(lines.count(f"{__name__}\t_plain"), 1)
+
+    def _in_child(self, check: Callable[[], bool]) -> None:
+        TemplateTests._in_child(self, check)  # type: ignore[arg-type]

@@ -66,6 +66,13 @@ class _CapData(ctypes.Structure):
     ]
 
 
+#: ``capset``'s data argument: one ``_CapData`` per 32 capabilities. Made here,
+#: at import (in the template), not at the call: ctypes makes a new array type
+#: the first time ``_CapData * 2`` is evaluated, which in every inner proxy
+#: copied the template's pages its type machinery touches.
+_CapDataPair = _CapData * 2
+
+
 class Libc(Protocol):
     """The calls :func:`drop_capabilities` makes (the real libc, or a fake in tests)."""
 
@@ -94,8 +101,15 @@ def process_libc() -> ctypes.CDLL:
     """
     if not _process_libc:
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # CDLL makes a function object the first time a name is looked up and
+        # keeps it on itself: done here, not in each child.
+        lib.prctl, lib.capset  # noqa: B018
         _process_libc.append(lib)
     return _process_libc[0]
+
+
+#: ``RealLibc.last_cap``'s reading (the template makes it before it forks).
+_last_cap: list[int] = []
 
 
 class RealLibc:
@@ -112,7 +126,7 @@ class RealLibc:
 
     def capset(self, effective: int, permitted: int, inheritable: int) -> None:
         header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-        data = (_CapData * 2)()
+        data = _CapDataPair()
         for i in range(2):
             shift = 32 * i
             data[i].effective = (effective >> shift) & 0xFFFFFFFF
@@ -123,8 +137,11 @@ class RealLibc:
             raise OSError(e, f"capset: {os.strerror(e)}")
 
     def last_cap(self) -> int:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
+        """The highest capability number of the running kernel (read once per process tree)."""
+        if not _last_cap:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                _last_cap.append(int(f.read()))
+        return _last_cap[0]
 
 
 def mask(caps: Iterable[int]) -> int:

@@ -9,9 +9,12 @@ copy-on-write and only pays for what it changes. For the same reason the
 template reads the configuration file once (``tproxy.runtime.CONFIG_CACHE``:
 an inner proxy reuses that Config while the file is unchanged) and forks
 with the C library's ``fork()`` rather than ``os.fork()`` while it has one
-thread (:func:`fork` says why that is safe), fills the free space of its
-allocators first (:func:`fill_pools`, :func:`fill_heap`) and marks its
-memory mergeable for KSM (:func:`allow_page_merging`). Figures:
+thread (:func:`fork` says why that is safe), works out the interface
+declarations of our classes (:func:`declare_interfaces`), fills the free
+space of its allocators (:func:`fill_pools`, :func:`fill_heap`), then copies
+the code objects an inner proxy runs side by side (:func:`relocate_code`,
+listed in ``template_hot.txt``) and marks its memory mergeable for KSM
+(:func:`allow_page_merging`). Figures:
 docs/performance.md, "Memory per bridge and after close".
 
 Control protocol on fd 3 (a SOCK_SEQPACKET socket pair made by the root), one
@@ -43,7 +46,9 @@ import socket
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Sequence
+from typing import Any
 
 CONTROL_FD = 3
 LINK_FD = 3
@@ -80,25 +85,32 @@ PRELOAD = (
 
 
 def preload(
-    modules: Sequence[str] = PRELOAD, warm: bool = True, config: str | None = None
+    modules: Sequence[str] = PRELOAD,
+    warm: bool = True,
+    config: str | None = None,
+    relocate: bool | None = None,
 ) -> None:
     """Import ``modules`` (never the global reactor), warm up, collect, then freeze the GC.
 
     ``config``: the configuration file, read here once into
     ``tproxy.runtime.CONFIG_CACHE`` so that every inner proxy reuses it while
     the file is unchanged (a file that cannot be used is left to the inner
-    proxy, which logs why).
+    proxy, which logs why). ``relocate`` (default: as ``warm``) packs the code
+    objects an inner proxy runs (:data:`HOT_CODE`) side by side
+    (:func:`relocate_code`), once the allocators' free space is filled.
     """
     had_reactor = "twisted.internet.reactor" in sys.modules
     for name in modules:
         importlib.import_module(name)
     if warm:
         warm_up()
-    from tproxy.privileges import process_libc
+        declare_interfaces()
+    from tproxy.privileges import RealLibc, process_libc
     from tproxy.runtime import CONFIG_CACHE, _load_libc
 
     _load_libc()
     process_libc()
+    RealLibc().last_cap()
     _fork_function()
     if not hasattr(os, "setns"):  # Python < 3.12: enter_netns goes through ctypes
         from tproxy.spawn import _libc_setns
@@ -114,10 +126,265 @@ def preload(
         _drop_buffered_log()
     if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
         raise RuntimeError("the template must not install a reactor")
+    if warm if relocate is None else relocate:
+        relocate_code(hot_code_test(load_hot_code()), fill=_fill)
+    else:
+        _fill()
+    # CPython's type attribute cache (4,096 entries) holds a reference to the
+    # name of each entry. Left as the imports and the configuration's parsing
+    # filled it, every child's first lookups evict those entries, lowering
+    # the reference counts of names on template pages nothing else of the
+    # child touches (~140 strings); emptied, an eviction touches None.
+    # (bench/bench_pages.py: -44 KiB per inner, mean of six paired runs.)
+    sys._clear_type_cache()
+    gc.freeze()
+
+
+#: The code an inner proxy runs, one ``module<TAB>qualname`` a line, recorded
+#: from real inner proxies by ``bench/bench_pages.py --record``.
+HOT_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "template_hot.txt")
+#: Environment variable: when set in the template's environment, each child
+#: records the code it runs (``record_code``) to ``$ONE_TPROXY_RECORD_CODE.PID``.
+RECORD_ENV = "ONE_TPROXY_RECORD_CODE"
+
+CodeKey = tuple[str, str]
+
+
+def _modules_by_file() -> dict[str, str]:
+    """Source file -> module name, for the modules loaded now."""
+    found: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            found.setdefault(path, name)
+    return found
+
+
+def code_key(code: types.CodeType, by_file: dict[str, str]) -> CodeKey:
+    """``(module, qualified name)`` of a code object: what :data:`HOT_CODE` lists.
+
+    The module rather than the file (paths differ between installations; a
+    frozen module's file is ``<frozen NAME>``), and no line number (edits
+    move it): two code objects of one module with one qualified name (two
+    lambdas of one function) share a key, and are both moved.
+    """
+    name = code.co_filename
+    return (by_file.get(name, name), code.co_qualname)
+
+
+def load_hot_code(path: str | None = None) -> set[CodeKey]:
+    """The keys listed in ``path`` (default :data:`HOT_CODE`); none when it cannot be read."""
+    keys: set[CodeKey] = set()
+    try:
+        with open(path or HOT_CODE, encoding="utf-8") as f:
+            for line in f:
+                module, sep, qualname = line.rstrip("\n").partition("\t")
+                if sep and module and qualname and not module.startswith("#"):
+                    keys.add((module, qualname))
+    except OSError:
+        pass
+    return keys
+
+
+def hot_code_test(keys: set[CodeKey]) -> Callable[[types.CodeType], bool]:
+    """Whether a code object is one of ``keys``."""
+    by_file = _modules_by_file()
+    return lambda code: code_key(code, by_file) in keys
+
+
+#: The code objects :func:`relocate_code` replaced: kept alive, so that their
+#: memory never becomes free space a child's allocations would land in.
+_OLD_CODE: list[types.CodeType] = []
+
+
+def relocate_code(
+    hot: Callable[[types.CodeType], bool], fill: Callable[[], object] | None = None
+) -> int:
+    """Give every function whose code is ``hot`` a fresh copy of it, all copies side by side.
+
+    Why (docs/performance.md, "Memory per bridge and after close", 2026-11-27):
+    CPython 3.11 writes the reference count of a function's code object on
+    every call (the frame holds it) and its warm-up counter and inline caches
+    until it is specialized, so each code object an inner proxy runs copies
+    the template's page it lies on. Code objects are made at import, in the
+    middle of everything else a module holds: the ~450 an inner proxy runs
+    (~180 KB) lay on ~370 pages. Copied here, after ``fill`` took the
+    allocators' free space (:func:`_fill`: :func:`fill_pools`,
+    :func:`fill_heap`), they come out of fresh pools and the top of the heap,
+    packed: each child copies a fraction of those pages. Everything else the
+    relocation needs is made before ``fill`` (the plan, and the ``co_code``
+    bytes CPython caches on each old code object when it is copied), so that
+    nothing lands between the copies. The copy is the same code (``code.replace()``:
+    same constants, names, file and lines); a function's ``__code__`` may be
+    replaced by one with the same free variables. Nested code objects are
+    copied into their copied parent's constants. A code object something
+    else holds (a list of code objects, say, compared by identity) is left
+    where it is. The functions themselves are then copied too where that is
+    safe (:func:`_plan_function_moves`). Returns how many code objects were
+    copied.
+    """
+    functions = [f for f in gc.get_objects() if type(f) is types.FunctionType]
+    candidates = {id(f.__code__): f.__code__ for f in functions if hot(f.__code__)}
+    hot_functions = {id(f): f for f in functions if id(f.__code__) in candidates}
+    pinned: set[int] = set()
+    held_by: dict[int, list[object]] = {}
+    if candidates:
+        for holder in gc.get_objects():
+            if holder is functions or holder is hot_functions:
+                continue
+            kind = type(holder)
+            for ref in gc.get_referents(holder):
+                if id(ref) in candidates and kind is not types.FunctionType and kind is not tuple:
+                    pinned.add(id(ref))
+                elif id(ref) in hot_functions:
+                    held_by.setdefault(id(ref), []).append(holder)
+    # The plan, made before ``fill`` so that nothing but the copies is made after it.
+    order: list[types.CodeType] = []  # nested code before the code holding it
+    planned: set[int] = set()
+
+    def plan(code: types.CodeType) -> None:
+        if id(code) in planned:
+            return
+        planned.add(id(code))
+        for const in code.co_consts:
+            if type(const) is types.CodeType and hot(const):
+                plan(const)
+        order.append(code)
+
+    for code in candidates.values():
+        if id(code) not in pinned:
+            plan(code)
+    for code in order:
+        code.co_code  # noqa: B018 - CPython caches these bytes on the code object: now, not between the copies
+    users = [f for f in functions if id(f.__code__) in planned]
+    moves = _plan_function_moves(hot_functions, held_by)
+    new: dict[int, types.CodeType | None] = dict.fromkeys(planned)
+    _OLD_CODE.extend(order)
+    _OLD_FUNCTIONS.extend(f for f, _ in moves)
+    del functions, candidates, hot_functions, held_by
+    if fill is not None:
+        fill()
+    for code in order:
+        consts = code.co_consts
+        if any(type(c) is types.CodeType and id(c) in planned for c in consts):
+            consts = tuple(
+                new[id(c)] if type(c) is types.CodeType and id(c) in planned else c
+                for c in consts
+            )
+        new[id(code)] = code.replace(co_consts=consts)
+    for f in users:
+        f.__code__ = new[id(f.__code__)]  # type: ignore[assignment]
+    for f, slots in moves:
+        _move_function(f, slots)
+    return len(order)
+
+
+#: The functions :func:`relocate_code` replaced by copies (kept alive: no holes).
+_OLD_FUNCTIONS: list[types.FunctionType] = []
+
+#: Where a function is held: (the dict, its key, the class whose ``__dict__`` it is).
+Slot = tuple[dict[Any, Any], str, "type | None"]
+
+
+def _class_dicts() -> dict[int, type]:
+    """``id()`` of each class's own namespace dict -> the class."""
+    found: dict[int, type] = {}
+    todo: list[type] = [object]
+    seen: set[int] = set()
+    while todo:
+        cls = todo.pop()
+        if id(cls) in seen:
+            continue
+        seen.add(id(cls))
+        for ref in gc.get_referents(cls.__dict__):
+            if type(ref) is dict:
+                found[id(ref)] = cls
+        todo.extend(type.__subclasses__(cls))
+    return found
+
+
+def _plan_function_moves(
+    hot_functions: dict[int, types.FunctionType], held_by: dict[int, list[object]]
+) -> list[tuple[types.FunctionType, list[Slot]]]:
+    """The hot functions that can be swapped for copies, and where each is held.
+
+    A call also writes its function's reference count, so the functions are
+    packed like their code. Unlike a code object, a function may be compared
+    by identity or held where it cannot be swapped: only a function held by
+    dicts alone (module, class and instance namespaces, registries), as a
+    value under a string key, with no weak reference to it and in at most
+    one class namespace, is moved. Its class (set through ``setattr``, so
+    that CPython's caches of the class are invalidated) comes first.
+    """
+    import weakref
+
+    classes = _class_dicts() if held_by else {}
+    moves: list[tuple[types.FunctionType, list[Slot]]] = []
+    for fid, f in hot_functions.items():
+        holders = held_by.get(fid)
+        if not holders or weakref.getweakrefcount(f) or any(type(h) is not dict for h in holders):
+            continue
+        slots: list[Slot] = []
+        movable = True
+        for holder in holders:
+            assert isinstance(holder, dict)
+            for key, value in holder.items():
+                if key is f or (value is f and type(key) is not str):
+                    movable = False
+                elif value is f:
+                    slots.append((holder, key, classes.get(id(holder))))
+        if movable and slots and sum(cls is not None for _, _, cls in slots) <= 1:
+            slots.sort(key=lambda slot: slot[2] is None)
+            f.__annotations__  # noqa: B018 - made now (a dict on first access), not after the fill
+            moves.append((f, slots))
+    return moves
+
+
+def _move_function(f: types.FunctionType, slots: list[Slot]) -> bool:
+    """Put a copy of ``f`` (same code, globals, defaults, closure, attributes) in its slots."""
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__qualname__ = f.__qualname__
+    g.__module__ = f.__module__
+    g.__doc__ = f.__doc__
+    g.__dict__ = f.__dict__
+    g.__annotations__ = f.__annotations__
+    for holder, key, cls in slots:
+        if cls is not None:
+            try:
+                setattr(cls, key, g)
+            except (AttributeError, TypeError):  # a class that refuses (its slot is the first)
+                return False
+        else:
+            holder[key] = g
+    return True
+
+
+def record_code(path: str) -> None:
+    """From now on append ``module<TAB>qualname`` of each code object first called to ``path``.
+
+    For ``bench/bench_pages.py --record`` (it sets :data:`RECORD_ENV`), which
+    makes :data:`HOT_CODE` from what real inner proxies run. A profiler hook:
+    slow, for measurements only.
+    """
+    by_file = _modules_by_file()
+    seen: set[int] = set()
+    out = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the process's life
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call" and id(frame.f_code) not in seen:
+            seen.add(id(frame.f_code))
+            module, qualname = code_key(frame.f_code, by_file)
+            out.write(f"{module}\t{qualname}\n")
+
+    sys.setprofile(profile)
+
+
+def _fill() -> None:
+    """Collect, then take the free space of the allocators (before the fork)."""
     gc.collect()
     fill_pools()
     fill_heap()
-    gc.freeze()
 
 
 #: Objects that fill the template's allocator pools (see :func:`fill_pools`); kept for good.
@@ -272,6 +539,13 @@ def warm_up() -> None:
 
         format_event_line({"log_format": "warm {x}", "x": 1, "log_level": LogLevel.info,
                      "log_namespace": "warm", "log_time": 0.0})
+        # Twisted's own ports log through the legacy ``twisted.python.log.msg``,
+        # whose publisher makes its lock and the thread's context tracker the
+        # first time: here, once, rather than in every child. (Buffered only;
+        # dropped below.)
+        from twisted.python import log as legacy_log
+
+        legacy_log.msg("warm-up")
     finally:
         _drop_buffered_log()
         # Through the epoll object, not os.close of its number: the object
@@ -286,6 +560,32 @@ def warm_up() -> None:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def declare_interfaces(prefix: str = "tproxy") -> int:
+    """Work out now the interface declarations (zope.interface) of our classes; how many.
+
+    ``implementedBy(cls)`` builds a class's declaration the first time
+    anything asks (Twisted does for every protocol and service: logging
+    prefixes, ``IService(parent)``) and keeps it on the class. Left to the
+    children, each of them builds the same declarations again, runs
+    zope.interface's C3 code and subscribes them to their bases'
+    (template-owned) dependents: 0.27 MiB of copied pages per inner proxy.
+    """
+    from zope.interface import implementedBy
+
+    done = 0
+    for name, module in list(sys.modules.items()):
+        if name != prefix and not name.startswith(prefix + "."):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__ == name:
+                try:
+                    implementedBy(value)
+                except TypeError:  # pragma: no cover - not a class zope can declare
+                    continue
+                done += 1
+    return done
 
 
 def _drop_buffered_log() -> None:
@@ -547,6 +847,9 @@ class Template:
             if link_fd != LINK_FD:
                 os.dup2(link_fd, LINK_FD)
                 os.close(link_fd)
+            record = os.environ.get(RECORD_ENV)
+            if record:
+                record_code(f"{record}.{os.getpid()}")
             rc = self.entry([bridge, *self.inner_args])
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
