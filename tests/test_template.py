@@ -213,20 +213,6 @@ def _plain(x: int) -> int:
     return x + 1
 
 
-class _Hot:
-    """A class with a hot method (for the relocation tests)."""
-
-    def method(self) -> int:
-        return 7
-
-
-def _held_by_a_list() -> int:
-    return 3
-
-
-_HOLDER = [_held_by_a_list]
-
-
 class HotCodeTests(unittest.TestCase):
     """The hot code list and the relocation of the code objects it names."""
 
@@ -296,44 +282,6 @@ class HotCodeTests(unittest.TestCase):
                 fill=lambda: seen.append(id(_plain.__code__) == old),
             )
             return seen == [True] and id(_plain.__code__) != old
-
-        self._in_child(check)
-
-    def test_relocate_moves_functions_held_by_dicts(self) -> None:
-        """A hot function held only by namespaces is swapped for a copy; methods too."""
-
-        def check() -> bool:
-            plain, method = id(_plain), id(vars(_Hot)["method"])
-            hot = {"_plain", "_Hot.method"}
-            template.relocate_code(lambda co: co.co_qualname in hot)
-            moved = vars(_Hot)["method"]
-            return (
-                id(_plain) != plain
-                and id(moved) != method
-                and _plain(1) == 2
-                and _Hot().method() == 7
-                and moved.__qualname__ == "_Hot.method"
-                and moved.__module__ == __name__
-                and len(template._OLD_FUNCTIONS) >= 2
-            )
-
-        self._in_child(check)
-
-    def test_relocate_leaves_functions_held_elsewhere(self) -> None:
-        """A function a list holds, or one with a weak reference, stays (its code still moves)."""
-
-        def check() -> bool:
-            import weakref
-
-            listed, code = id(_held_by_a_list), id(_held_by_a_list.__code__)
-            ref = weakref.ref(_plain)
-            template.relocate_code(lambda co: co.co_qualname in ("_held_by_a_list", "_plain"))
-            return (
-                id(_held_by_a_list) == listed
-                and _HOLDER[0] is _held_by_a_list
-                and id(_held_by_a_list.__code__) != code
-                and ref() is _plain
-            )
 
         self._in_child(check)
 

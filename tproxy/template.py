@@ -48,7 +48,6 @@ import threading
 import traceback
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
 
 CONTROL_FD = 3
 LINK_FD = 3
@@ -219,25 +218,18 @@ def relocate_code(
     replaced by one with the same free variables. Nested code objects are
     copied into their copied parent's constants. A code object something
     else holds (a list of code objects, say, compared by identity) is left
-    where it is. The functions themselves are then copied too where that is
-    safe (:func:`_plan_function_moves`). Returns how many code objects were
-    copied.
+    where it is. Returns how many code objects were copied.
     """
     functions = [f for f in gc.get_objects() if type(f) is types.FunctionType]
     candidates = {id(f.__code__): f.__code__ for f in functions if hot(f.__code__)}
-    hot_functions = {id(f): f for f in functions if id(f.__code__) in candidates}
     pinned: set[int] = set()
-    held_by: dict[int, list[object]] = {}
     if candidates:
         for holder in gc.get_objects():
-            if holder is functions or holder is hot_functions:
+            if type(holder) in (types.FunctionType, tuple):
                 continue
-            kind = type(holder)
             for ref in gc.get_referents(holder):
-                if id(ref) in candidates and kind is not types.FunctionType and kind is not tuple:
+                if id(ref) in candidates:
                     pinned.add(id(ref))
-                elif id(ref) in hot_functions:
-                    held_by.setdefault(id(ref), []).append(holder)
     # The plan, made before ``fill`` so that nothing but the copies is made after it.
     order: list[types.CodeType] = []  # nested code before the code holding it
     planned: set[int] = set()
@@ -257,11 +249,9 @@ def relocate_code(
     for code in order:
         code.co_code  # noqa: B018 - CPython caches these bytes on the code object: now, not between the copies
     users = [f for f in functions if id(f.__code__) in planned]
-    moves = _plan_function_moves(hot_functions, held_by)
     new: dict[int, types.CodeType | None] = dict.fromkeys(planned)
     _OLD_CODE.extend(order)
-    _OLD_FUNCTIONS.extend(f for f, _ in moves)
-    del functions, candidates, hot_functions, held_by
+    del functions, candidates
     if fill is not None:
         fill()
     for code in order:
@@ -274,90 +264,7 @@ def relocate_code(
         new[id(code)] = code.replace(co_consts=consts)
     for f in users:
         f.__code__ = new[id(f.__code__)]  # type: ignore[assignment]
-    for f, slots in moves:
-        _move_function(f, slots)
     return len(order)
-
-
-#: The functions :func:`relocate_code` replaced by copies (kept alive: no holes).
-_OLD_FUNCTIONS: list[types.FunctionType] = []
-
-#: Where a function is held: (the dict, its key, the class whose ``__dict__`` it is).
-Slot = tuple[dict[Any, Any], str, "type | None"]
-
-
-def _class_dicts() -> dict[int, type]:
-    """``id()`` of each class's own namespace dict -> the class."""
-    found: dict[int, type] = {}
-    todo: list[type] = [object]
-    seen: set[int] = set()
-    while todo:
-        cls = todo.pop()
-        if id(cls) in seen:
-            continue
-        seen.add(id(cls))
-        for ref in gc.get_referents(cls.__dict__):
-            if type(ref) is dict:
-                found[id(ref)] = cls
-        todo.extend(type.__subclasses__(cls))
-    return found
-
-
-def _plan_function_moves(
-    hot_functions: dict[int, types.FunctionType], held_by: dict[int, list[object]]
-) -> list[tuple[types.FunctionType, list[Slot]]]:
-    """The hot functions that can be swapped for copies, and where each is held.
-
-    A call also writes its function's reference count, so the functions are
-    packed like their code. Unlike a code object, a function may be compared
-    by identity or held where it cannot be swapped: only a function held by
-    dicts alone (module, class and instance namespaces, registries), as a
-    value under a string key, with no weak reference to it and in at most
-    one class namespace, is moved. Its class (set through ``setattr``, so
-    that CPython's caches of the class are invalidated) comes first.
-    """
-    import weakref
-
-    classes = _class_dicts() if held_by else {}
-    moves: list[tuple[types.FunctionType, list[Slot]]] = []
-    for fid, f in hot_functions.items():
-        holders = held_by.get(fid)
-        if not holders or weakref.getweakrefcount(f) or any(type(h) is not dict for h in holders):
-            continue
-        slots: list[Slot] = []
-        movable = True
-        for holder in holders:
-            assert isinstance(holder, dict)
-            for key, value in holder.items():
-                if key is f or (value is f and type(key) is not str):
-                    movable = False
-                elif value is f:
-                    slots.append((holder, key, classes.get(id(holder))))
-        if movable and slots and sum(cls is not None for _, _, cls in slots) <= 1:
-            slots.sort(key=lambda slot: slot[2] is None)
-            f.__annotations__  # noqa: B018 - made now (a dict on first access), not after the fill
-            moves.append((f, slots))
-    return moves
-
-
-def _move_function(f: types.FunctionType, slots: list[Slot]) -> bool:
-    """Put a copy of ``f`` (same code, globals, defaults, closure, attributes) in its slots."""
-    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    g.__kwdefaults__ = f.__kwdefaults__
-    g.__qualname__ = f.__qualname__
-    g.__module__ = f.__module__
-    g.__doc__ = f.__doc__
-    g.__dict__ = f.__dict__
-    g.__annotations__ = f.__annotations__
-    for holder, key, cls in slots:
-        if cls is not None:
-            try:
-                setattr(cls, key, g)
-            except (AttributeError, TypeError):  # a class that refuses (its slot is the first)
-                return False
-        else:
-            holder[key] = g
-    return True
 
 
 def record_code(path: str) -> None:
