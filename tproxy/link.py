@@ -377,9 +377,14 @@ class _StreamProtocol(Protocol):
         self.link._tcp_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._take(data):
+            self.link.flush()
+
+    def _take(self, data: bytes) -> bool:
+        """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
         link = self.link
         if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
-            return
+            return False
         n = len(data)
         self.sent += n
         self.active = True
@@ -389,7 +394,53 @@ class _StreamProtocol(Protocol):
         conn.send_data(self.stream_id, data)
         if conn.buffered(self.stream_id):
             self.set_pause(_PAUSE_WINDOW)
-        link.flush()
+        return True
+
+    def _first_read(self) -> Any:
+        """Root: the transport's ``doRead`` for the service's first read, and the FIN behind it.
+
+        A service that answers and closes (HTTP with ``Connection: close``)
+        has usually queued its FIN by the time the answer is read: a short
+        read is followed by one more ``recv`` in the same turn, and when it
+        finds the EOF, DATA and HALF_CLOSE leave in one send (the reactor's
+        half-close path, ``readConnectionLost``, runs on the
+        ``CONNECTION_DONE`` returned) instead of a reactor turn each, and
+        the inner proxy wakes up once for both. Installed for the first read
+        only: a keep-alive stream pays one ``recv`` (EAGAIN) per connection,
+        not per request. Returns what Twisted's ``doRead`` returns.
+        """
+        t: Any = self.transport
+        if "doRead" in t.__dict__:
+            del t.doRead  # later reads: Twisted's own (or _splice_read, in bulk mode)
+        sock = self._sock
+        size = t.bufferSize
+        try:
+            data = sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        if len(data) == size:  # more may be coming: the ordinary path
+            self.dataReceived(data)
+            return None
+        try:
+            more = sock.recv(size - len(data))
+        except (BlockingIOError, InterruptedError):
+            self.dataReceived(data)
+            return None
+        except OSError:
+            self.dataReceived(data)
+            return main.CONNECTION_LOST
+        if more:
+            self.dataReceived(data + more)
+            return None
+        # EOF right behind the data: readConnectionLost queues the HALF_CLOSE,
+        # and both leave at the end of the turn.
+        if self._take(data):
+            self.link.flush_soon()
+        return main.CONNECTION_DONE
 
     def _set_bulk(self, bulk: bool) -> None:
         """Enter or leave bulk mode: the transport's ``doRead`` is ``_splice_read`` in it.
@@ -1345,7 +1396,7 @@ class RootLink(LinkProtocol):
         if self._link_paused:
             s._pause |= _PAUSE_LINK
         if self._lean_connect:
-            s.connecting = connect_tcp(
+            attempt = connect_tcp(
                 self.reactor,
                 dest.addr,
                 dest.port,
@@ -1355,6 +1406,8 @@ class RootLink(LinkProtocol):
                 s,
                 self._deadlines,
             )
+            if s.transport is None:  # else connected at once (_tcp_connected ran)
+                s.connecting = attempt
             return
         try:
             d = self._endpoint_for(dest).connect(_QuietOneShot(s))
@@ -1395,6 +1448,8 @@ class RootLink(LinkProtocol):
             self.counters._cells[_L_ACCEPTED] += 1
             stats._cells[_P_ACCEPTED] += 1
             stats.latency.record(self.reactor.seconds() - s.opened_at)
+        if s._sock is not None:
+            s.transport.doRead = s._first_read  # type: ignore[union-attr]
         held = s.held
         if held is not None:  # Early data, in order, before anything else.
             s.held = None
