@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.fake_transport import FakeTransport
+from tproxy import link as link_module
 from tproxy.config import Limits
 from tproxy.link import EARLY_DATA_MAX, InnerLink, RootLink
 from tproxy.model import Destination
@@ -431,6 +433,28 @@ class SpliceTests(unittest.TestCase):
         self.assertEqual(g.take(), b"response")
         counters = h.inner.link_counters()  # open streams' bytes included
         self.assertEqual((counters["bytes_to_link"], counters["bytes_from_link"]), (25, 8))
+
+    def test_last_data_and_fin_in_one_segment(self) -> None:
+        """DATA with the stream's HALF_CLOSE right behind it in one link read is sent with
+        MSG_MORE (the shutdown then sends it with the FIN); other DATA without."""
+        sends: list[tuple[bytes, int]] = []
+        write_now = link_module._write_now
+
+        def recording(t: Any, sock: Any, data: Any, flags: int = 0) -> None:
+            sends.append((bytes(data), flags))
+            write_now(t, sock, data, flags)
+
+        self.patch(link_module, "_write_now", recording)
+        h = Harness()
+        g, s = h.stream()
+        s.protocol.dataReceived(b"part")
+        h.pump()
+        s.protocol.dataReceived(b"reply")
+        s.peer_eof()
+        h.pump()
+        self.assertEqual(sends, [(b"part", 0), (b"reply", socket.MSG_MORE)])
+        self.assertEqual(g.take(), b"partreply")
+        self.assertTrue(g.write_closed)
 
     def test_half_close_guest_first(self) -> None:
         """A guest FIN shuts the service's write side; the response still flows, then all closes."""

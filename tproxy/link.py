@@ -23,6 +23,7 @@ import fcntl
 import itertools
 import json
 import os
+import socket
 import struct
 import types
 from array import array
@@ -109,16 +110,17 @@ def _as_bytes(data: Chunk) -> bytes:
     return data if type(data) is bytes else bytes(data)
 
 
-def _write_now(t: Any, sock: Any, data: Chunk) -> None:
+def _write_now(t: Any, sock: Any, data: Chunk, flags: int = 0) -> None:
     """``t.write(data)``, but straight to the socket while nothing is queued.
 
     Twisted's ``write`` only queues: the bytes leave one reactor turn later,
     joined into one buffer (a copy), at most 128 KiB per turn. Sending at once
     saves the turn and the copy; what the kernel does not take is queued as usual.
+    ``flags``: ``MSG_MORE`` when our FIN follows at once (``_FIN_FOLLOWS``).
     """
     if sock is not None and _idle(t):
         try:
-            n = sock.send(data)
+            n = sock.send(data, flags)
         except OSError:
             n = 0  # EAGAIN, or an error the transport's own write will report
         if n == len(data):
@@ -127,11 +129,11 @@ def _write_now(t: Any, sock: Any, data: Chunk) -> None:
     t.write(_as_bytes(data))
 
 
-def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
+def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk], flags: int = 0) -> None:
     """``t.writeSequence(chunks)``, gathered into one ``sendmsg`` while nothing is queued."""
     if sock is not None and len(chunks) <= _MAX_IOV and _idle(t):
         try:
-            n = sock.sendmsg(chunks)
+            n = sock.sendmsg(chunks, (), flags)
         except OSError:
             n = 0
         if n:
@@ -139,6 +141,15 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
             if not chunks:
                 return
     t.writeSequence([_as_bytes(c) for c in chunks])
+
+
+#: ``send`` flags for a stream's last bytes when its FIN follows in the same
+#: turn (DATA then HALF_CLOSE in one link read): MSG_MORE holds the last
+#: partial segment back, and the ``shutdown``/``close`` right after sends it
+#: with the FIN set - one TCP segment (and one ACK) instead of two each way,
+#: one wake-up of the peer instead of two. Anything Twisted's buffer keeps
+#: is sent later without the flag, which pushes what was held.
+_FIN_FOLLOWS = getattr(socket, "MSG_MORE", 0)
 
 
 def _unsent(chunks: list[Chunk], n: int) -> list[Chunk]:
@@ -556,17 +567,18 @@ class _StreamProtocol(Protocol):
 
     # -- the link's side
 
-    def deliver(self, data: Chunk) -> None:
+    def deliver(self, data: Chunk, flags: int = 0) -> None:
         """Stream data from the link: write it, credit it now or when the socket drains.
 
         Early data (root, stream still connecting) is held until the connection is made.
+        ``flags``: the ``send`` flags (``_FIN_FOLLOWS`` when a HALF_CLOSE is next).
         """
         if self.transport is None:
             self.hold([data])
             return
         self.received += len(data)
         self.active = True
-        _write_now(self.transport, self._sock, data)
+        _write_now(self.transport, self._sock, data, flags)
         if self._tcp_full:
             self._withheld += len(data)
         else:
@@ -580,10 +592,10 @@ class _StreamProtocol(Protocol):
         else:
             self.held.extend(held)
 
-    def deliver_all(self, chunks: list[Chunk]) -> None:
+    def deliver_all(self, chunks: list[Chunk], flags: int = 0) -> None:
         """Consecutive DATA payloads of one link read: one ``sendmsg``, one credit."""
         if len(chunks) == 1:
-            self.deliver(chunks[0])  # a plain send (keep-alive requests, responses)
+            self.deliver(chunks[0], flags)  # a plain send (keep-alive requests, responses)
             return
         if self.transport is None:
             self.hold(chunks)
@@ -593,7 +605,7 @@ class _StreamProtocol(Protocol):
             n += len(c)
         self.received += n
         self.active = True
-        _write_sequence_now(self.transport, self._sock, chunks)
+        _write_sequence_now(self.transport, self._sock, chunks, flags)
         if self._tcp_full:
             self._withheld += n
         else:
@@ -938,7 +950,11 @@ class LinkProtocol(Protocol):
                 batch = [event.data]
             else:
                 if batch_s is not None:
-                    batch_s.deliver_all(batch)
+                    if type(event) is ev.HalfClosed and event.stream_id == batch_s.stream_id:
+                        # Its FIN follows at once: data and FIN in one TCP segment.
+                        batch_s.deliver_all(batch, _FIN_FOLLOWS)
+                    else:
+                        batch_s.deliver_all(batch)
                     batch_s = None
                 self._event(event)
         if batch_s is not None:

@@ -5,7 +5,8 @@ same splice against Twisted's real transports, where half-close, producers
 and resets are the kernel's: an echo through the link with a FIN each way,
 a refused open seen by the guest as a reset, a large transfer intact, and
 a service that answers and closes (the connect complete at once, the
-answer and its FIN read in one turn and sent on in one ``sendmsg``).
+answer and its FIN read in one turn and sent on in one ``sendmsg``, and
+written to the guest as one segment with the FIN).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from tproxy import link as link_module
 from tproxy.config import Limits
 from tproxy.link import InnerLink, RootLink
 from tproxy.model import Destination
@@ -191,6 +193,14 @@ class LinkSocketTests(unittest.TestCase):
         DATA then HALF_CLOSE, and both sides end without a reset."""
         recorder = _SendmsgRecorder(self.root._sock)
         self.root._sock = recorder
+        flags: list[int] = []
+        write_now = link_module._write_now
+
+        def recording(t: Any, sock: Any, data: Any, f: int = 0) -> None:
+            flags.append(f)
+            write_now(t, sock, data, f)
+
+        self.patch(link_module, "_write_now", recording)
         client = self._guest(8000, b"hello")
         reason = yield client.done
         self.assertIsInstance(reason, error.ConnectionDone)
@@ -202,6 +212,8 @@ class LinkSocketTests(unittest.TestCase):
         self.assertEqual(
             fr.HEADER.unpack_from(sent, end), (fr.FrameType.HALF_CLOSE, 0, sid, 0)
         )
+        # The inner wrote the answer with MSG_MORE: its shutdown sent it with the FIN.
+        self.assertIn(socket.MSG_MORE, flags)
         yield self._settle()
         self.assertEqual((self.root.stream_count, self.inner.stream_count), (0, 0))
         resets = (self.root.counters.resets_sent, self.inner.counters.resets_sent)
