@@ -358,7 +358,8 @@ def main() -> None:
             total = sum(_callgrind_total(f) for f in files)
             instr = f"{total / n:,.0f}"
         print(f"| {role} | {cpu} | {calls} | {instr} |")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.environ.get("BENCH_SETUP_TMP"):  # a directory given is kept (traces, profiles)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
