@@ -13,7 +13,9 @@ Reported per connection, for each proxy: CPU (user + system, from
 (``strace -c -f`` attached to both proxies for the measured connections), with
 ``--callgrind`` instructions (both proxies under ``valgrind --tool=callgrind``,
 counters zeroed after the warm-up with ``callgrind_control -z`` and dumped
-at the end: load on the machine does not move them).
+at the end: load on the machine does not move them). Also printed: the
+guests' time from connect to the response's end (mean, p50, p99), i.e. the
+reactor turns and process hand-offs on a connection's critical path.
 
 Run: ``PYTHONPATH=. python bench/bench_setup.py [--conns N] [--concurrency C]
 [--strace] [--callgrind]``.
@@ -122,8 +124,9 @@ def _serve(listener: socket.socket, stop: threading.Event) -> None:
         c.close()
 
 
-def _guests(port: int, n: int, errors: list[str]) -> None:
+def _guests(port: int, n: int, errors: list[str], times: list[float]) -> None:
     for _ in range(n):
+        t0 = time.perf_counter()
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(REQUEST)
@@ -135,15 +138,21 @@ def _guests(port: int, n: int, errors: list[str]) -> None:
                     got += b
             if got != RESPONSE:
                 errors.append(f"short response: {len(got)} bytes")
+            times.append(time.perf_counter() - t0)
         except OSError as e:
             errors.append(str(e))
 
 
-def _run_guests(port: int, n: int, concurrency: int) -> tuple[float, list[str]]:
+def _run_guests(
+    port: int, n: int, concurrency: int, times: list[float] | None = None
+) -> tuple[float, list[str]]:
     errors: list[str] = []
     each = max(1, n // concurrency)
+    if times is None:
+        times = []
     threads = [
-        threading.Thread(target=_guests, args=(port, each, errors)) for _ in range(concurrency)
+        threading.Thread(target=_guests, args=(port, each, errors, times))
+        for _ in range(concurrency)
     ]
     t0 = time.monotonic()
     for t in threads:
@@ -151,6 +160,21 @@ def _run_guests(port: int, n: int, concurrency: int) -> tuple[float, list[str]]:
     for t in threads:
         t.join()
     return time.monotonic() - t0, errors
+
+
+def _latency(times: list[float]) -> str:
+    """Mean, p50 and p99 of the guests' connection times, in ms."""
+    if not times:
+        return "-"
+    ts = sorted(times)
+    mean = sum(ts) / len(ts)
+
+    def pct(q: float) -> float:
+        return ts[min(len(ts) - 1, int(q * len(ts)))]
+
+    return (
+        f"mean {mean * 1e3:.3f} ms, p50 {pct(0.5) * 1e3:.3f} ms, p99 {pct(0.99) * 1e3:.3f} ms"
+    )
 
 
 def _cpu(pid: int) -> tuple[float, float]:
@@ -280,7 +304,8 @@ def main() -> None:
                     ["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True
                 )
         before = {role: _cpu(p.pid) for role, p in procs.items()}
-        wall, errors = _run_guests(port, args.conns, args.concurrency)
+        times: list[float] = []
+        wall, errors = _run_guests(port, args.conns, args.concurrency, times)
         after = {role: _cpu(p.pid) for role, p in procs.items()}
         n = max(1, args.conns // args.concurrency) * args.concurrency
         if args.callgrind:
@@ -308,8 +333,9 @@ def main() -> None:
         f"{n} connections, {args.concurrency} at a time, {n / wall:.0f} conn/s"
         f"{' (under strace)' if args.strace else ''}"
         f"{' (under callgrind)' if args.callgrind else ''};"
-        f" errors: {len(errors)}\n"
+        f" errors: {len(errors)}"
     )
+    print(f"latency, guest connect to response's end: {_latency(times)}\n")
     print("| proxy | CPU µs/conn (user + sys) | syscalls/conn | instructions/conn |")
     print("|---|---|---|---|")
     for role in ("inner", "root"):
@@ -332,7 +358,8 @@ def main() -> None:
             total = sum(_callgrind_total(f) for f in files)
             instr = f"{total / n:,.0f}"
         print(f"| {role} | {cpu} | {calls} | {instr} |")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.environ.get("BENCH_SETUP_TMP"):  # a directory given is kept (traces, profiles)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

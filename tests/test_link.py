@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import error
+from twisted.internet import error, main
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.fake_transport import FakeTransport
+from tproxy import link as link_module
 from tproxy.config import Limits
 from tproxy.link import EARLY_DATA_MAX, InnerLink, RootLink
 from tproxy.model import Destination
@@ -239,8 +241,9 @@ class OpenTests(unittest.TestCase):
         self.assertEqual(h.inner.counters.resets_sent, {Reason.ABORTED: 1})
 
 
-class _GuestSocket:
-    """What ``_send_early``'s one non-blocking recv finds on a guest socket."""
+class _ScriptedSocket:
+    """A non-blocking socket's reads, in order, then EAGAIN (a guest's for ``_send_early``,
+    a service's for the root's ``_first_read``)."""
 
     def __init__(self, *reads: bytes | OSError) -> None:
         self.reads = list(reads)
@@ -257,7 +260,7 @@ class _GuestSocket:
 class EarlyDataTests(unittest.TestCase):
     """The inner sends the guest's first bytes behind the OPEN; the root holds them."""
 
-    def early_guest(self, h: Harness, sock: _GuestSocket) -> FakeTransport:
+    def early_guest(self, h: Harness, sock: _ScriptedSocket) -> FakeTransport:
         """A guest whose socket held ``sock``'s bytes when the inner accepted it."""
 
         def send_early(s: Any) -> None:
@@ -273,7 +276,7 @@ class EarlyDataTests(unittest.TestCase):
     def test_early_data_reaches_the_service_first(self) -> None:
         """Early bytes are written to the service when its connect succeeds, before later ones."""
         h = Harness()
-        sock = _GuestSocket(b"GET /small HTTP/1.1\r\n\r\n")
+        sock = _ScriptedSocket(b"GET /small HTTP/1.1\r\n\r\n")
         g = self.early_guest(h, sock)
         self.assertEqual(sock.asked, [EARLY_DATA_MAX])
         self.assertFalse(g.reading, "the rest waits for the open result")
@@ -298,7 +301,7 @@ class EarlyDataTests(unittest.TestCase):
     def test_refused_early_data_is_dropped_and_not_counted(self) -> None:
         """A refused open drops the early bytes: the guest is reset, no byte is counted."""
         h = Harness()
-        g = self.early_guest(h, _GuestSocket(b"hello"))
+        g = self.early_guest(h, _ScriptedSocket(b"hello"))
         h.service_fails(error.ConnectionRefusedError())
         self.assertTrue(g.aborted)
         self.assertEqual(h.inner.counters.refused, {Reason.REFUSED: 1})
@@ -309,7 +312,7 @@ class EarlyDataTests(unittest.TestCase):
     def test_unknown_service_drops_early_data(self) -> None:
         """Early data for a port the root does not know is ignored with the refused stream."""
         h2 = Harness(services={})
-        g2 = self.early_guest(h2, _GuestSocket(b"hello"))
+        g2 = self.early_guest(h2, _ScriptedSocket(b"hello"))
         self.assertTrue(g2.aborted)
         self.assertEqual(h2.inner.counters.refused, {Reason.UNKNOWN_SERVICE: 1})
         self.assertEqual(h2.inner.counters.bytes_to_link, 0)
@@ -317,7 +320,7 @@ class EarlyDataTests(unittest.TestCase):
     def test_guest_leaves_while_connecting(self) -> None:
         """A guest reset while opening cancels the connect; its early bytes are not counted."""
         h = Harness()
-        g = self.early_guest(h, _GuestSocket(b"hello"))
+        g = self.early_guest(h, _ScriptedSocket(b"hello"))
         g.peer_reset()
         h.pump()
         self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
@@ -326,15 +329,92 @@ class EarlyDataTests(unittest.TestCase):
     def test_nothing_yet_or_eof_or_error(self) -> None:
         """No bytes yet or EOF: nothing early; a socket error resets the guest."""
         h = Harness()
-        g = self.early_guest(h, _GuestSocket())
+        g = self.early_guest(h, _ScriptedSocket())
         self.assertFalse(g.aborted)
         self.assertEqual(h.root._streams[1].held, None)
-        g = self.early_guest(h, _GuestSocket(b""))
+        g = self.early_guest(h, _ScriptedSocket(b""))
         self.assertFalse(g.aborted)
-        g = self.early_guest(h, _GuestSocket(ConnectionResetError()))
+        g = self.early_guest(h, _ScriptedSocket(ConnectionResetError()))
         self.assertTrue(g.aborted)
         h.pump()
         self.assertEqual(h.inner.counters.resets_sent, {Reason.ABORTED: 1})
+
+
+class FirstReadTests(unittest.TestCase):
+    """The root reads a service's first bytes and, after a short read, the FIN behind them."""
+
+    SIZE = 1000
+
+    def first_read(self, *reads: bytes | OSError) -> tuple[Harness, Any, Any, _ScriptedSocket, Any]:
+        """Run ``_first_read`` of a fresh stream's service side over ``reads``."""
+        h = Harness()
+        g, s = h.stream()
+        [stream] = h.root._streams.values()
+        sock = _ScriptedSocket(*reads)
+        t: Any = s
+        t.bufferSize = self.SIZE
+        t.doRead = stream._first_read
+        stream._sock = sock
+        try:
+            result = stream._first_read()
+        finally:
+            stream._sock = None
+        self.assertNotIn("doRead", t.__dict__, "later reads are Twisted's own")
+        return h, g, s, sock, result
+
+    def test_answer_then_eof(self) -> None:
+        """A short read and the EOF behind it: CONNECTION_DONE for the reactor's half-close path;
+        the guest gets the answer and the FIN."""
+        h, g, s, sock, result = self.first_read(b"reply", b"")
+        self.assertIs(result, main.CONNECTION_DONE)
+        self.assertEqual(sock.asked, [self.SIZE, self.SIZE - 5])
+        h.root._streams[1].readConnectionLost()  # the reactor's part on CONNECTION_DONE
+        h.pump()
+        self.assertEqual(g.take(), b"reply")
+        self.assertTrue(g.write_closed)
+        g.peer_eof()
+        h.pump()
+        self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
+        self.assertEqual(h.root.counters.resets_sent, {})
+        self.assertEqual(h.root.metrics.port(5030).bytes_to_guest, 5)
+
+    def test_answer_then_nothing(self) -> None:
+        """A short read and nothing behind it (EAGAIN): the answer is sent on, reading goes on."""
+        h, g, s, sock, result = self.first_read(b"reply")
+        self.assertIsNone(result)
+        self.assertEqual(sock.asked, [self.SIZE, self.SIZE - 5])
+        h.pump()
+        self.assertEqual(g.take(), b"reply")
+        self.assertFalse(g.write_closed)
+
+    def test_answer_then_more(self) -> None:
+        """More bytes behind the first: both go on together, in order."""
+        h, g, s, sock, result = self.first_read(b"rep", b"ly")
+        self.assertIsNone(result)
+        h.pump()
+        self.assertEqual(g.take(), b"reply")
+        self.assertEqual(h.inner.link_counters()["bytes_from_link"], 5)
+
+    def test_full_read(self) -> None:
+        """A read that fills the buffer is the ordinary path: no second recv."""
+        h, g, s, sock, result = self.first_read(b"x" * self.SIZE, b"")
+        self.assertIsNone(result)
+        self.assertEqual(sock.asked, [self.SIZE])
+        h.pump()
+        self.assertEqual(len(g.take()), self.SIZE)
+
+    def test_eof_or_nothing_or_error_first(self) -> None:
+        """EOF first is CONNECTION_DONE, EAGAIN nothing, an error CONNECTION_LOST."""
+        self.assertIs(self.first_read(b"")[4], main.CONNECTION_DONE)
+        self.assertIsNone(self.first_read()[4])
+        self.assertIs(self.first_read(ConnectionResetError())[4], main.CONNECTION_LOST)
+
+    def test_error_behind_the_answer(self) -> None:
+        """An error on the second recv: the answer still goes on, then CONNECTION_LOST."""
+        h, g, s, sock, result = self.first_read(b"reply", ConnectionResetError())
+        self.assertIs(result, main.CONNECTION_LOST)
+        h.pump()
+        self.assertEqual(g.take(), b"reply")
 
 
 class SpliceTests(unittest.TestCase):
@@ -353,6 +433,28 @@ class SpliceTests(unittest.TestCase):
         self.assertEqual(g.take(), b"response")
         counters = h.inner.link_counters()  # open streams' bytes included
         self.assertEqual((counters["bytes_to_link"], counters["bytes_from_link"]), (25, 8))
+
+    def test_last_data_and_fin_in_one_segment(self) -> None:
+        """DATA with the stream's HALF_CLOSE right behind it in one link read is sent with
+        MSG_MORE (the shutdown then sends it with the FIN); other DATA without."""
+        sends: list[tuple[bytes, int]] = []
+        write_now = link_module._write_now
+
+        def recording(t: Any, sock: Any, data: Any, flags: int = 0) -> None:
+            sends.append((bytes(data), flags))
+            write_now(t, sock, data, flags)
+
+        self.patch(link_module, "_write_now", recording)
+        h = Harness()
+        g, s = h.stream()
+        s.protocol.dataReceived(b"part")
+        h.pump()
+        s.protocol.dataReceived(b"reply")
+        s.peer_eof()
+        h.pump()
+        self.assertEqual(sends, [(b"part", 0), (b"reply", socket.MSG_MORE)])
+        self.assertEqual(g.take(), b"partreply")
+        self.assertTrue(g.write_closed)
 
     def test_half_close_guest_first(self) -> None:
         """A guest FIN shuts the service's write side; the response still flows, then all closes."""

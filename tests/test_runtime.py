@@ -130,6 +130,26 @@ class DaemonRuntimeTests(unittest.TestCase):
         self.assertIn("written", text)
         self.assertNotIn("not written", text)
 
+    def test_debug_gate(self) -> None:
+        """Under twistd the log file decides whether DEBUG events are built only when told
+        to govern (the root daemon); else the gate is left alone."""
+        from tproxy import logs
+
+        self.addCleanup(setattr, logs, "debug_enabled", logs.debug_enabled)
+        self.write(":tproxy_debug_level: 1\n:tproxy: []\n")
+        logs.debug_enabled = True
+        self.runtime()
+        self.assertTrue(logs.debug_enabled)
+        rt = DaemonRuntime("one_tproxy_x", self.paths)
+        rt.prepare(begin_logging=False, govern_debug_gate=True)
+        assert rt.log_file is not None
+        self.addCleanup(rt.log_file.close)
+        self.addCleanup(rt.log_file.uninstall)
+        self.assertFalse(logs.debug_enabled)
+        self.write(":tproxy_debug_level: 3\n:tproxy: []\n")
+        rt.reload()
+        self.assertTrue(logs.debug_enabled)
+
     def test_missing_file_defaults(self) -> None:
         """A missing configuration file means the defaults, with an error in the log."""
         rt = self.runtime()

@@ -23,6 +23,7 @@ import fcntl
 import itertools
 import json
 import os
+import socket
 import struct
 import types
 from array import array
@@ -109,16 +110,17 @@ def _as_bytes(data: Chunk) -> bytes:
     return data if type(data) is bytes else bytes(data)
 
 
-def _write_now(t: Any, sock: Any, data: Chunk) -> None:
+def _write_now(t: Any, sock: Any, data: Chunk, flags: int = 0) -> None:
     """``t.write(data)``, but straight to the socket while nothing is queued.
 
     Twisted's ``write`` only queues: the bytes leave one reactor turn later,
     joined into one buffer (a copy), at most 128 KiB per turn. Sending at once
     saves the turn and the copy; what the kernel does not take is queued as usual.
+    ``flags``: ``MSG_MORE`` when our FIN follows at once (``_FIN_FOLLOWS``).
     """
     if sock is not None and _idle(t):
         try:
-            n = sock.send(data)
+            n = sock.send(data, flags)
         except OSError:
             n = 0  # EAGAIN, or an error the transport's own write will report
         if n == len(data):
@@ -127,11 +129,11 @@ def _write_now(t: Any, sock: Any, data: Chunk) -> None:
     t.write(_as_bytes(data))
 
 
-def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
+def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk], flags: int = 0) -> None:
     """``t.writeSequence(chunks)``, gathered into one ``sendmsg`` while nothing is queued."""
     if sock is not None and len(chunks) <= _MAX_IOV and _idle(t):
         try:
-            n = sock.sendmsg(chunks)
+            n = sock.sendmsg(chunks, (), flags)
         except OSError:
             n = 0
         if n:
@@ -139,6 +141,15 @@ def _write_sequence_now(t: Any, sock: Any, chunks: list[Chunk]) -> None:
             if not chunks:
                 return
     t.writeSequence([_as_bytes(c) for c in chunks])
+
+
+#: ``send`` flags for a stream's last bytes when its FIN follows in the same
+#: turn (DATA then HALF_CLOSE in one link read): MSG_MORE holds the last
+#: partial segment back, and the ``shutdown``/``close`` right after sends it
+#: with the FIN set - one TCP segment (and one ACK) instead of two each way,
+#: one wake-up of the peer instead of two. Anything Twisted's buffer keeps
+#: is sent later without the flag, which pushes what was held.
+_FIN_FOLLOWS = getattr(socket, "MSG_MORE", 0)
 
 
 def _unsent(chunks: list[Chunk], n: int) -> list[Chunk]:
@@ -377,9 +388,14 @@ class _StreamProtocol(Protocol):
         self.link._tcp_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._take(data):
+            self.link.flush()
+
+    def _take(self, data: bytes) -> bool:
+        """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
         link = self.link
         if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
-            return
+            return False
         n = len(data)
         self.sent += n
         self.active = True
@@ -389,7 +405,53 @@ class _StreamProtocol(Protocol):
         conn.send_data(self.stream_id, data)
         if conn.buffered(self.stream_id):
             self.set_pause(_PAUSE_WINDOW)
-        link.flush()
+        return True
+
+    def _first_read(self) -> Any:
+        """Root: the transport's ``doRead`` for the service's first read, and the FIN behind it.
+
+        A service that answers and closes (HTTP with ``Connection: close``)
+        has usually queued its FIN by the time the answer is read: a short
+        read is followed by one more ``recv`` in the same turn, and when it
+        finds the EOF, DATA and HALF_CLOSE leave in one send (the reactor's
+        half-close path, ``readConnectionLost``, runs on the
+        ``CONNECTION_DONE`` returned) instead of a reactor turn each, and
+        the inner proxy wakes up once for both. Installed for the first read
+        only: a keep-alive stream pays one ``recv`` (EAGAIN) per connection,
+        not per request. Returns what Twisted's ``doRead`` returns.
+        """
+        t: Any = self.transport
+        if "doRead" in t.__dict__:
+            del t.doRead  # later reads: Twisted's own (or _splice_read, in bulk mode)
+        sock = self._sock
+        size = t.bufferSize
+        try:
+            data = sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        if len(data) == size:  # more may be coming: the ordinary path
+            self.dataReceived(data)
+            return None
+        try:
+            more = sock.recv(size - len(data))
+        except (BlockingIOError, InterruptedError):
+            self.dataReceived(data)
+            return None
+        except OSError:
+            self.dataReceived(data)
+            return main.CONNECTION_LOST
+        if more:
+            self.dataReceived(data + more)
+            return None
+        # EOF right behind the data: readConnectionLost queues the HALF_CLOSE,
+        # and both leave at the end of the turn.
+        if self._take(data):
+            self.link.flush_soon()
+        return main.CONNECTION_DONE
 
     def _set_bulk(self, bulk: bool) -> None:
         """Enter or leave bulk mode: the transport's ``doRead`` is ``_splice_read`` in it.
@@ -505,17 +567,18 @@ class _StreamProtocol(Protocol):
 
     # -- the link's side
 
-    def deliver(self, data: Chunk) -> None:
+    def deliver(self, data: Chunk, flags: int = 0) -> None:
         """Stream data from the link: write it, credit it now or when the socket drains.
 
         Early data (root, stream still connecting) is held until the connection is made.
+        ``flags``: the ``send`` flags (``_FIN_FOLLOWS`` when a HALF_CLOSE is next).
         """
         if self.transport is None:
             self.hold([data])
             return
         self.received += len(data)
         self.active = True
-        _write_now(self.transport, self._sock, data)
+        _write_now(self.transport, self._sock, data, flags)
         if self._tcp_full:
             self._withheld += len(data)
         else:
@@ -529,10 +592,10 @@ class _StreamProtocol(Protocol):
         else:
             self.held.extend(held)
 
-    def deliver_all(self, chunks: list[Chunk]) -> None:
+    def deliver_all(self, chunks: list[Chunk], flags: int = 0) -> None:
         """Consecutive DATA payloads of one link read: one ``sendmsg``, one credit."""
         if len(chunks) == 1:
-            self.deliver(chunks[0])  # a plain send (keep-alive requests, responses)
+            self.deliver(chunks[0], flags)  # a plain send (keep-alive requests, responses)
             return
         if self.transport is None:
             self.hold(chunks)
@@ -542,7 +605,7 @@ class _StreamProtocol(Protocol):
             n += len(c)
         self.received += n
         self.active = True
-        _write_sequence_now(self.transport, self._sock, chunks)
+        _write_sequence_now(self.transport, self._sock, chunks, flags)
         if self._tcp_full:
             self._withheld += n
         else:
@@ -887,7 +950,11 @@ class LinkProtocol(Protocol):
                 batch = [event.data]
             else:
                 if batch_s is not None:
-                    batch_s.deliver_all(batch)
+                    if type(event) is ev.HalfClosed and event.stream_id == batch_s.stream_id:
+                        # Its FIN follows at once: data and FIN in one TCP segment.
+                        batch_s.deliver_all(batch, _FIN_FOLLOWS)
+                    else:
+                        batch_s.deliver_all(batch)
                     batch_s = None
                 self._event(event)
         if batch_s is not None:
@@ -1345,7 +1412,7 @@ class RootLink(LinkProtocol):
         if self._link_paused:
             s._pause |= _PAUSE_LINK
         if self._lean_connect:
-            s.connecting = connect_tcp(
+            attempt = connect_tcp(
                 self.reactor,
                 dest.addr,
                 dest.port,
@@ -1355,6 +1422,8 @@ class RootLink(LinkProtocol):
                 s,
                 self._deadlines,
             )
+            if s.transport is None:  # else connected at once (_tcp_connected ran)
+                s.connecting = attempt
             return
         try:
             d = self._endpoint_for(dest).connect(_QuietOneShot(s))
@@ -1395,6 +1464,8 @@ class RootLink(LinkProtocol):
             self.counters._cells[_L_ACCEPTED] += 1
             stats._cells[_P_ACCEPTED] += 1
             stats.latency.record(self.reactor.seconds() - s.opened_at)
+        if s._sock is not None:
+            s.transport.doRead = s._first_read  # type: ignore[union-attr]
         held = s.held
         if held is not None:  # Early data, in order, before anything else.
             s.held = None

@@ -10,6 +10,15 @@ reads, two ``connect``, five ``epoll_ctl``). Here a non-blocking socket
 ``tcp.Connection`` that finishes the connect in its first writable event:
 ``socket``, ``connect``, one ``getsockopt(SO_ERROR)``, three ``epoll_ctl``.
 
+A connect that is complete when ``connect`` returns (to a service on
+loopback the kernel runs the whole handshake inside the call: it returns
+EINPROGRESS with the socket already established) is finished at once: one
+``getpeername`` says so, and the protocol is connected before
+``connect_tcp`` returns - no writable event, no ``getsockopt``, no reactor
+turn between the connect and the first bytes to the service, one
+``epoll_ctl`` (reading) instead of three. Elsewhere that ``getpeername``
+fails with ENOTCONN and the first writable event finishes the connect as above.
+
 What the caller sees is the endpoint path's: the protocol's ``makeConnection``
 on success; on failure ``on_failed(Failure, arg)`` with the exceptions
 Twisted's own connect raises - ``error.getConnectError`` of the errno (so
@@ -85,6 +94,14 @@ class OutgoingConnection(tcp.Connection):
         self._stop_timer()
         self.startReading()
         self.stopWriting()
+        self.connected = 1
+        self.protocol.makeConnection(self)
+
+    def _connected_now(self) -> None:
+        """The connect was complete when ``connect`` returned: connected, and reading."""
+        self._connecting = False
+        del self.doWrite
+        self.startReading()
         self.connected = 1
         self.protocol.makeConnection(self)
 
@@ -191,6 +208,15 @@ class ConnectDeadlines:
         self._heap.clear()
 
 
+def _established(sock: socket.socket) -> bool:
+    """Whether a socket whose non-blocking connect said EINPROGRESS is connected already."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # ENOTCONN: still connecting (or failed; the writable event says)
+    return True
+
+
 def connect_tcp(
     reactor: Any,
     host: str,
@@ -203,8 +229,10 @@ def connect_tcp(
 ) -> OutgoingConnection:
     """Connect ``protocol`` to ``host:port`` (an IPv4 address); the attempt can be cancelled.
 
-    Failures, immediate ones included, are reported through ``on_failed``
-    from the reactor, never raised into the caller. The timeout is one of
+    A connect complete at once (loopback) connects the protocol before this
+    returns (its ``makeConnection`` runs inside the call). Failures,
+    immediate ones included, are reported through ``on_failed`` from the
+    reactor, never raised into the caller. The timeout is one of
     ``deadlines`` when given, else a ``callLater`` of its own.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -217,7 +245,10 @@ def connect_tcp(
         exc = error.getConnectError((result, os.strerror(result)))
         reactor.callLater(0, conn._fail, exc)
         return conn
-    # Connected at once (result 0) or in progress: the first writable event says.
+    if result == 0 or _established(sock):
+        conn._connected_now()
+        return conn
+    # In progress: the first writable event says how it ended.
     conn.startWriting()
     if deadlines is not None:
         deadlines.add(conn, timeout)

@@ -315,12 +315,15 @@ class DaemonRuntime:
         except ConfigError as e:
             log.error("{error}; using the settings in force", error=e)
 
-    def prepare(self, begin_logging: bool = True) -> None:
+    def prepare(self, begin_logging: bool = True, govern_debug_gate: bool = False) -> None:
         """Raise the files limit, read the configuration, start the log file.
 
         ``begin_logging`` starts twisted.logger's global logging with the file
-        (a standalone process); without it the file is added as an observer
-        (under twistd, which began logging already).
+        (a standalone process, whose file then decides ``logs.debug_enabled``);
+        without it the file is added as an observer (under twistd, which began
+        logging already), and decides ``logs.debug_enabled`` only with
+        ``govern_debug_gate``: the root under twistd, whose own logger discards
+        everything (``tproxy.daemonctl``), so the file is the only log.
         """
         _, soft_after = raise_nofile_limit()
         error: ConfigError | None = None
@@ -333,6 +336,8 @@ class DaemonRuntime:
             begin_daemon_logging(self.log_file)
         else:
             self.log_file.install()
+            if govern_debug_gate:
+                self.log_file.govern_debug_gate()
         if error is not None:
             log.error("{error}; using the default settings", error=error)
         log.info("open-files limit {soft}", soft=soft_after)

@@ -155,7 +155,10 @@ class RootDaemon(MultiService):
         # The handler first: once titled, `one-tproxy reload` may find us and
         # SIGHUP's default action would kill the process.
         signal.signal(signal.SIGHUP, self._hup)
-        self.runtime.prepare(begin_logging=False)
+        # The real daemon runs under twistd with --logger=tproxy.logs.discard_observer:
+        # its log file is its only log, so the file's level decides whether the
+        # per-connection DEBUG lines are built at all (issue 7 (b)).
+        self.runtime.prepare(begin_logging=False, govern_debug_gate=self._set_title)
         self.root.settings = self.runtime.config
         MemoryReclaimer(self._reactor, tables=self._link_tables).start()
         if self._set_title:  # the real daemon (tests build it without)

@@ -1,8 +1,9 @@
 """tproxy.link_connect against the real reactor on loopback (no root needed).
 
 The connect completes on the kernel's word, so these use real sockets: a
-connection made, one refused, one cancelled, one timed out; each failure
-arrives as the exception Twisted's own connect gives, through ``on_failed``.
+connection made (at once, as on loopback, and through the writable event),
+one refused, one cancelled, one timed out; each failure arrives as the
+exception Twisted's own connect gives, through ``on_failed``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tproxy.link_connect import OutgoingConnection, connect_tcp
+from tproxy import link_connect
+from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tcp
 
 
 class _Recorder(protocol.Protocol):
@@ -73,6 +75,48 @@ class ConnectTests(unittest.TestCase):
         self.assertEqual(conn.getHost().host, "127.0.0.1")
         yield lost
         self.assertEqual(p.data, b"hi")
+        self.assertEqual(seen, [])
+
+    def test_connected_at_once(self) -> None:
+        """On loopback the connect is complete when connect() returns: the protocol is
+        connected inside the call, reading, never registered for writing, no timeout kept."""
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        p = _Recorder()
+        seen, _ = self._failures()
+        deadlines = ConnectDeadlines(reactor)
+        conn = connect_tcp(
+            reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed, None, deadlines
+        )
+        self.addCleanup(conn.abortConnection)
+        self.assertTrue(p.made.called)
+        self.assertIs(p.transport, conn)
+        self.assertIn(conn, reactor.getReaders())  # type: ignore[attr-defined]
+        self.assertNotIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
+        self.assertNotIn("doWrite", conn.__dict__)
+        self.assertEqual((len(deadlines), conn._deadline, seen), (0, None, []))
+        conn.cancel()  # connected: nothing to cancel
+        self.assertEqual(seen, [])
+
+    @defer.inlineCallbacks
+    def test_connects_on_writable(self):  # type: ignore[no-untyped-def]
+        """A connect still in progress after connect() finishes in its first writable event."""
+        self.patch(link_connect, "_established", lambda sock: False)
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, protocol.Factory.forProtocol(_Greeter), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        p = _Recorder()
+        seen, _ = self._failures()
+        conn = connect_tcp(reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed)
+        self.assertFalse(p.made.called)
+        self.assertIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
+        yield p.made
+        self.assertIs(p.transport, conn)
+        self.assertNotIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
+        self.assertIsNone(conn._timer)
         self.assertEqual(seen, [])
 
     @defer.inlineCallbacks

@@ -3,13 +3,17 @@
 The unit tests in tests/test_link.py use fake transports; these check the
 same splice against Twisted's real transports, where half-close, producers
 and resets are the kernel's: an echo through the link with a FIN each way,
-a refused open seen by the guest as a reset, and a large transfer intact.
+a refused open seen by the guest as a reset, a large transfer intact, and
+a service that answers and closes (the connect complete at once, the
+answer and its FIN read in one turn and sent on in one ``sendmsg``, and
+written to the guest as one segment with the FIN).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -17,9 +21,11 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from tproxy import link as link_module
 from tproxy.config import Limits
 from tproxy.link import InnerLink, RootLink
 from tproxy.model import Destination
+from tproxy.protocol import frames as fr
 
 
 @implementer(IHalfCloseableProtocol)
@@ -62,6 +68,30 @@ class _Client(protocol.Protocol):
         self.done.callback(reason.value)
 
 
+class _AnswerAndClose(protocol.Protocol):
+    """A service that answers its request and closes (HTTP with ``Connection: close``)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"reply to " + data)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _SendmsgRecorder:
+    """A link's socket that records each ``sendmsg``'s buffers (and sends them)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.sent: list[bytes] = []
+
+    def sendmsg(self, chunks: list[Any]) -> int:
+        n: int = self._sock.sendmsg(chunks)
+        self.sent.append(b"".join(bytes(c) for c in chunks)[:n])
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class _One(protocol.Factory):
     def __init__(self, proto: protocol.Protocol) -> None:
         self.proto = proto
@@ -79,6 +109,10 @@ class LinkSocketTests(unittest.TestCase):
         self.reactor = reactor
         echo = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
+        answer = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(_AnswerAndClose), interface="127.0.0.1"
+        )
+        self.addCleanup(answer.stopListening)
         # A port nobody listens on: bound and closed again.
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
@@ -87,6 +121,7 @@ class LinkSocketTests(unittest.TestCase):
         self.services = {
             5030: Destination("127.0.0.1", echo.getHost().port),
             6000: Destination("127.0.0.1", dead_port),
+            8000: Destination("127.0.0.1", answer.getHost().port),
         }
         self.root = RootLink(reactor, "lnk0", self.services.get, Limits(), ping_interval=None)
         self.inner = InnerLink(reactor, lambda ports: None, Limits(), bridge="lnk0")
@@ -96,7 +131,7 @@ class LinkSocketTests(unittest.TestCase):
             reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _One(link))
             sock.close()
         self.listeners = {}
-        for port in (5030, 6000, 7000):
+        for port in (5030, 6000, 7000, 8000):
             p = reactor.listenTCP(0, self.inner.guest_factory(port), interface="127.0.0.1")
             self.addCleanup(p.stopListening)
             self.listeners[port] = p.getHost().port
@@ -151,6 +186,39 @@ class LinkSocketTests(unittest.TestCase):
         reason = yield client.done
         self.assertNotIsInstance(reason, error.ConnectionDone)
         self.assertEqual(sum(self.inner.counters.refused.values()), 1)
+
+    @defer.inlineCallbacks
+    def test_answer_and_close(self):  # type: ignore[no-untyped-def]
+        """A service's answer and its FIN reach the guest; the root sent them in one sendmsg,
+        DATA then HALF_CLOSE, and both sides end without a reset."""
+        recorder = _SendmsgRecorder(self.root._sock)
+        self.root._sock = recorder
+        flags: list[int] = []
+        write_now = link_module._write_now
+
+        def recording(t: Any, sock: Any, data: Any, f: int = 0) -> None:
+            flags.append(f)
+            write_now(t, sock, data, f)
+
+        self.patch(link_module, "_write_now", recording)
+        client = self._guest(8000, b"hello")
+        reason = yield client.done
+        self.assertIsInstance(reason, error.ConnectionDone)
+        self.assertEqual(bytes(client.received), b"reply to hello")
+        [sent] = [b for b in recorder.sent if b"reply to hello" in b]
+        data_type, _, sid, length = fr.HEADER.unpack_from(sent)
+        self.assertEqual((data_type, length), (fr.FrameType.DATA, 14))
+        end = fr.HEADER_SIZE + length
+        self.assertEqual(
+            fr.HEADER.unpack_from(sent, end), (fr.FrameType.HALF_CLOSE, 0, sid, 0)
+        )
+        # The inner wrote the answer with MSG_MORE: its shutdown sent it with the FIN.
+        self.assertIn(socket.MSG_MORE, flags)
+        yield self._settle()
+        self.assertEqual((self.root.stream_count, self.inner.stream_count), (0, 0))
+        resets = (self.root.counters.resets_sent, self.inner.counters.resets_sent)
+        self.assertEqual(resets, ({}, {}))
+        self.assertEqual(self.root.counters.accepted, 1)
 
     def _settle(self) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
