@@ -43,10 +43,13 @@ from typing import Any
 from twisted.internet import abstract, address, error, tcp
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 #: ``on_failed(failure, arg)``: the connect attempt ended without a connection.
 OnFailed = Callable[[Failure, Any], object]
+
+_log = Logger(namespace="tproxy.link")
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
 
@@ -246,7 +249,14 @@ def connect_tcp(
         reactor.callLater(0, conn._fail, exc)
         return conn
     if result == 0 or _established(sock):
-        conn._connected_now()
+        try:
+            conn._connected_now()
+        except Exception:
+            # What the reactor does with a connection whose event handler
+            # raised: log it, and lose that connection alone (its protocol
+            # ends its stream); the caller - a link reading frames - goes on.
+            _log.failure("connecting {conn}", conn=conn)
+            conn.connectionLost(Failure())
         return conn
     # In progress: the first writable event says how it ended.
     conn.startWriting()

@@ -100,6 +100,33 @@ class ConnectTests(unittest.TestCase):
         conn.cancel()  # connected: nothing to cancel
         self.assertEqual(seen, [])
 
+    def test_connected_at_once_protocol_raises(self) -> None:
+        """A protocol that raises as it is connected at once loses that connection alone:
+        connect_tcp returns, the error is logged, the socket is closed, the protocol is told."""
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+
+        class Broken(protocol.Protocol):
+            lost: list[Failure] = []
+
+            def connectionMade(self) -> None:
+                raise ZeroDivisionError("bug")
+
+            def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+                self.lost.append(reason)
+
+        p = Broken()
+        seen, _ = self._failures()
+        conn = connect_tcp(reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(p.lost), 1)
+        self.assertTrue(p.lost[0].check(ZeroDivisionError))
+        self.assertFalse(hasattr(conn, "socket"))  # closed and dropped by tcp.Connection
+        self.assertNotIn(conn, reactor.getReaders())  # type: ignore[attr-defined]
+        self.assertEqual(seen, [])
+
     @defer.inlineCallbacks
     def test_connects_on_writable(self):  # type: ignore[no-untyped-def]
         """A connect still in progress after connect() finishes in its first writable event."""
