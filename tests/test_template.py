@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import os
 import sys
 import types
@@ -68,6 +69,23 @@ class TemplateTests(unittest.TestCase):
         template.preload(("json",), warm=False)
         self.assertIn("json", sys.modules)
         self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_preload_survives_a_failed_relocation(self) -> None:
+        """Packing the hot code only saves memory: when it raises, preload says so on
+        stderr and still freezes (the template serves without it)."""
+
+        def broken(*args: object, **kwargs: object) -> int:
+            raise RuntimeError("relocation bug")
+
+        self.patch(template, "relocate_code", broken)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        template.preload(("json",), warm=False, relocate=True)
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertIn("RuntimeError: relocation bug", err.getvalue())
+        self.assertIn("packing the hot code failed; going on without it", err.getvalue())
 
     def test_preload_empties_the_type_cache(self) -> None:
         """The last thing before the freeze: CPython's type attribute cache is emptied."""

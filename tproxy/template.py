@@ -126,7 +126,15 @@ def preload(
     if not had_reactor and "twisted.internet.reactor" in sys.modules:  # pragma: no cover
         raise RuntimeError("the template must not install a reactor")
     if warm if relocate is None else relocate:
-        relocate_code(hot_code_test(load_hot_code()), fill=_fill)
+        try:
+            relocate_code(hot_code_test(load_hot_code()), fill=_fill)
+        except Exception:
+            # Packing only saves memory: the template serves without it. A
+            # relocation stopped half-way is still correct (each copy is the
+            # same code). The root logs the template's output.
+            traceback.print_exc()
+            print(f"{TITLE}: packing the hot code failed; going on without it", file=sys.stderr)
+            sys.stderr.flush()
     else:
         _fill()
     # CPython's type attribute cache (4,096 entries) holds a reference to the
