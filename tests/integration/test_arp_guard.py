@@ -129,20 +129,7 @@ class SpoofingTests(E2ETestCase):
         self.assertEqual(_neighbour(victim), [bra])
 
         # Flood while the victim forgets and re-learns the address and keeps fetching.
-        flood = attacker.spawn(
-            [
-                sys.executable,
-                ARPSPOOF,
-                "eth0",
-                SERVICE_ADDRESS,
-                victim.addr,
-                _mac(victim),
-                "--rounds",
-                "400",
-                "--interval",
-                "0.004",
-            ]
-        )
+        flood = attacker.spawn(self._flood_argv(victim, 400))
         deadline = time.monotonic() + 20
         fetched = 0
         while flood.poll() is None and time.monotonic() < deadline:
