@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs
-from tproxy.link_connect import ConnectDeadlines, connect_tcp
+from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tcp
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
@@ -84,6 +84,14 @@ EARLY_DATA_MAX = 1 << 16
 #: Every stream's clean end, one instance for all (Twisted's reactor shares its own too).
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
+#: The ``connectionLost`` of the transports ``_connection_done`` may stand in
+#: for: Twisted's own ``tcp.Connection``'s (``tcp.Server``, the inner's
+#: ``GuestServer``) and the root's ``OutgoingConnection`` (which adds a
+#: branch for a connect still in progress, not the case of a finished stream).
+_PLAIN_CONNECTION_LOST = frozenset(
+    {tcp.Connection.connectionLost, OutgoingConnection.connectionLost}
+)
+
 #: Most buffers one ``sendmsg`` of a link flush gathers (IOV_MAX is 1024).
 _MAX_IOV = 512
 
@@ -112,6 +120,30 @@ def _idle(t: Any) -> bool:
         and not t._writeDisconnecting
         and not t._writeDisconnected
     )
+
+
+def _connection_done(t: Any) -> None:
+    """``tcp.Connection.connectionLost(_CONNECTION_DONE)`` of a socket whose two FINs are through.
+
+    For a transport that no longer reads nor writes, has no producer and
+    must not be shut down before its close (``_maybe_finish``): the same
+    steps, less what cannot apply here - ``FileDescriptor.connectionLost``'s
+    second ``stopReading``/``stopWriting``, and
+    ``_closeSocket``'s ``reason.check(ConnectionAborted)`` (a ``Failure.check``
+    walks the exception's classes by qualified name).
+    """
+    t.disconnected = 1
+    t.connected = 0
+    producer = t.producer
+    if producer is not None:
+        t.producer = None
+        producer.stopProducing()
+    t.socket.close()
+    protocol = t.protocol
+    del t.protocol
+    del t.socket
+    del t.fileno
+    protocol.connectionLost(_CONNECTION_DONE)
 
 
 def _as_bytes(data: Chunk) -> bytes:
@@ -422,9 +454,9 @@ class _StreamProtocol(Protocol):
         A service that answers and closes (HTTP with ``Connection: close``)
         has usually queued its FIN by the time the answer is read: a short
         read is followed by one more ``recv`` in the same turn, and when it
-        finds the EOF, DATA and HALF_CLOSE leave in one send (the reactor's
-        half-close path, ``readConnectionLost``, runs on the
-        ``CONNECTION_DONE`` returned) instead of a reactor turn each, and
+        finds the EOF, DATA and HALF_CLOSE leave in one send (reading
+        stops and ``readConnectionLost`` runs here, as the reactor would
+        on a ``CONNECTION_DONE``) instead of a reactor turn each, and
         the inner proxy wakes up once for both. Installed for the first read
         only: a keep-alive stream pays one ``recv`` (EAGAIN) per connection,
         not per request. Returns what Twisted's ``doRead`` returns.
@@ -460,7 +492,16 @@ class _StreamProtocol(Protocol):
         # and both leave at the end of the turn.
         if self._take(data):
             self.link.flush_soon()
-        return main.CONNECTION_DONE
+        # The reactor's path for a CONNECTION_DONE from doRead, taken here: stop
+        # reading, then our readConnectionLost. (Twisted's _disconnectSelectable
+        # and tcp.Connection.readConnectionLost first adapt the transport and the
+        # protocol to their half-close interfaces: a zope adaptation whose
+        # failed __conform__ lookup raises and clears an AttributeError, about
+        # 6k instructions per connection.) An exception from it reaches the
+        # reactor, which logs it and loses the connection, as Twisted's would.
+        t.stopReading()
+        self.readConnectionLost()
+        return None
 
     def _set_bulk(self, bulk: bool) -> None:
         """Enter or leave bulk mode: the transport's ``doRead`` is ``_splice_read`` in it.
@@ -562,7 +603,10 @@ class _StreamProtocol(Protocol):
                 # walk) per connection, as the reactor's _disconnectSelectable does.
                 t.stopReading()
                 t.stopWriting()
-                t.connectionLost(_CONNECTION_DONE)
+                if type(t).connectionLost in _PLAIN_CONNECTION_LOST:
+                    _connection_done(t)
+                else:
+                    t.connectionLost(_CONNECTION_DONE)
             else:
                 t.loseConnection()
 
