@@ -720,6 +720,33 @@ class FlushSoonTests(unittest.TestCase):
         h.pump()
         self.assertEqual(h.inner.counters.accepted, 1)
 
+    def test_no_timer_inside_a_link_read(self) -> None:
+        """A stream connected while a link read is handled: its OPEN_RESULT leaves with
+        that read's own flush, and no end-of-turn timer is set for it."""
+        h = Harness()
+        h.root._batch_flush = True
+        opened = h.root._open
+
+        def open_connected_at_once(event: Any) -> None:
+            # As the lean connect on loopback: connected inside the OPEN's handling.
+            opened(event)
+            host, port, factory, _timeout, _bind = h.reactor.tcpClients[-1]
+            proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+            t = FakeTransport(proto, peer=IPv4Address("TCP", host, port))
+            h.transports.append(t)
+            proto.makeConnection(t)
+
+        h.root._open = open_connected_at_once  # type: ignore[method-assign]
+        timers = len(h.reactor.getDelayedCalls())
+        g = h.guest()
+        self.assertIsNone(h.root._flush_call)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), timers)
+        self.assertEqual(h.inner.counters.accepted, 1)
+        self.assertTrue(g.reading)
+        self.assertFalse(h.root._in_read)
+        h.root.flush_soon()  # outside a read: the end-of-turn timer, as before
+        self.assertIsNotNone(h.root._flush_call)
+
 
 class LinkLifeTests(unittest.TestCase):
     """Config, ping, go-away, protocol errors and the link's end."""

@@ -764,6 +764,10 @@ class LinkProtocol(Protocol):
         #: ``flush_soon`` waits for the end of the reactor turn (a real reactor only:
         #: fake clocks in tests run nothing until advanced, so there it flushes now).
         self._batch_flush = isinstance(reactor, PosixReactorBase)
+        #: Inside ``dataReceived``'s frame loop, which ends with a flush: a
+        #: ``flush_soon`` there needs no timer (one ``callLater``, its
+        #: DelayedCall and a reactor timeout pass less per link read).
+        self._in_read = False
         self._ping_ids = itertools.count(1)
 
     @property
@@ -962,6 +966,8 @@ class LinkProtocol(Protocol):
         """
         if not self._batch_flush:
             self.flush()
+        elif self._in_read:
+            pass  # dataReceived flushes once the read's frames are handled: no timer
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self._flush_turn)
 
@@ -984,6 +990,19 @@ class LinkProtocol(Protocol):
             self.flush()
             self._close()
             return
+        self._in_read = True
+        try:
+            self._handle(events)
+        except BaseException:
+            self._in_read = False
+            self.flush_soon()  # what was queued still leaves, as before
+            raise
+        self._in_read = False
+        self.flush()
+        self._maybe_close()
+
+    def _handle(self, events: list[ev.Event]) -> None:
+        """Act on one link read's events (``dataReceived`` flushes afterwards)."""
         streams = self._streams
         # Consecutive DATA of one stream (a link read carries up to 16 frames of a
         # bulk stream) is written to its socket with one sendmsg.
@@ -1012,8 +1031,6 @@ class LinkProtocol(Protocol):
                 self._event(event)
         if batch_s is not None:
             batch_s.deliver_all(batch)
-        self.flush()
-        self._maybe_close()
 
     def _event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamWritable):
