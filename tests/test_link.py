@@ -345,7 +345,9 @@ class FirstReadTests(unittest.TestCase):
 
     SIZE = 1000
 
-    def first_read(self, *reads: bytes | OSError) -> tuple[Harness, Any, Any, _ScriptedSocket, Any]:
+    def first_read(
+        self, *reads: bytes | OSError, on_stop_reading: Any = None
+    ) -> tuple[Harness, Any, Any, _ScriptedSocket, Any]:
         """Run ``_first_read`` of a fresh stream's service side over ``reads``."""
         h = Harness()
         g, s = h.stream()
@@ -353,6 +355,8 @@ class FirstReadTests(unittest.TestCase):
         sock = _ScriptedSocket(*reads)
         t: Any = s
         t.bufferSize = self.SIZE
+        if on_stop_reading is not None:
+            t.stopReading = on_stop_reading
         t.doRead = stream._first_read
         stream._sock = sock
         try:
@@ -363,12 +367,16 @@ class FirstReadTests(unittest.TestCase):
         return h, g, s, sock, result
 
     def test_answer_then_eof(self) -> None:
-        """A short read and the EOF behind it: CONNECTION_DONE for the reactor's half-close path;
-        the guest gets the answer and the FIN."""
-        h, g, s, sock, result = self.first_read(b"reply", b"")
-        self.assertIs(result, main.CONNECTION_DONE)
+        """A short read and the EOF behind it: reading stops and the half-close runs at once
+        (the reactor's part on CONNECTION_DONE, taken here); the guest gets answer and FIN."""
+        stopped: list[bool] = []
+        h, g, s, sock, result = self.first_read(
+            b"reply", b"", on_stop_reading=lambda: stopped.append(True)
+        )
+        self.assertIsNone(result)
+        self.assertEqual(stopped, [True])
         self.assertEqual(sock.asked, [self.SIZE, self.SIZE - 5])
-        h.root._streams[1].readConnectionLost()  # the reactor's part on CONNECTION_DONE
+        self.assertTrue(h.root._streams[1]._read_eof)
         h.pump()
         self.assertEqual(g.take(), b"reply")
         self.assertTrue(g.write_closed)
@@ -415,6 +423,66 @@ class FirstReadTests(unittest.TestCase):
         self.assertIs(result, main.CONNECTION_LOST)
         h.pump()
         self.assertEqual(g.take(), b"reply")
+
+
+class ConnectionDoneTests(unittest.TestCase):
+    """``_connection_done`` ends a finished stream's socket exactly as Twisted's connectionLost."""
+
+    def end(self, lean: bool) -> tuple[Any, socket.socket, list[Failure]]:
+        from twisted.internet import tcp
+        from twisted.internet.protocol import Protocol
+
+        lost: list[Failure] = []
+
+        class _Recorder(Protocol):
+            def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:  # type: ignore[assignment]
+                lost.append(reason)
+
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        reactor = MemoryReactorClock()
+        proto = _Recorder()
+        t: Any = tcp.Connection(a, proto, reactor)
+        proto.makeConnection(t)
+        t.connected = 1
+        t._shouldShutdown = False  # both FINs through, as _maybe_finish sets it
+        if lean:
+            link_module._connection_done(t)
+        else:
+            t.connectionLost(link_module._CONNECTION_DONE)
+        return t, a, lost
+
+    def test_same_end_state_as_twisted(self) -> None:
+        """Socket closed, flags, attributes dropped, one ConnectionDone: as Twisted's own."""
+        states = []
+        for lean in (False, True):
+            t, sock, lost = self.end(lean)
+            self.assertEqual(sock.fileno(), -1)
+            self.assertEqual(len(lost), 1)
+            self.assertIs(lost[0], link_module._CONNECTION_DONE)
+            states.append(
+                (
+                    t.connected,
+                    t.disconnected,
+                    t.producer,
+                    hasattr(t, "protocol"),
+                    hasattr(t, "socket"),
+                    "fileno" in t.__dict__,
+                )
+            )
+        self.assertEqual(states[0], states[1])
+        self.assertEqual(states[1], (0, 1, None, False, False, False))
+
+    def test_only_plain_connection_lost(self) -> None:
+        """Transports whose connectionLost does more (tcp.Client) keep Twisted's own path."""
+        from twisted.internet import tcp
+
+        from tproxy.link_connect import OutgoingConnection
+
+        self.assertIn(tcp.Server.connectionLost, link_module._PLAIN_CONNECTION_LOST)
+        self.assertIn(OutgoingConnection.connectionLost, link_module._PLAIN_CONNECTION_LOST)
+        self.assertNotIn(tcp.Client.connectionLost, link_module._PLAIN_CONNECTION_LOST)
 
 
 class SpliceTests(unittest.TestCase):
@@ -651,6 +719,33 @@ class FlushSoonTests(unittest.TestCase):
         h.reactor.advance(0)  # the turn's own flush finds nothing more to send
         h.pump()
         self.assertEqual(h.inner.counters.accepted, 1)
+
+    def test_no_timer_inside_a_link_read(self) -> None:
+        """A stream connected while a link read is handled: its OPEN_RESULT leaves with
+        that read's own flush, and no end-of-turn timer is set for it."""
+        h = Harness()
+        h.root._batch_flush = True
+        opened = h.root._open
+
+        def open_connected_at_once(event: Any) -> None:
+            # As the lean connect on loopback: connected inside the OPEN's handling.
+            opened(event)
+            host, port, factory, _timeout, _bind = h.reactor.tcpClients[-1]
+            proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+            t = FakeTransport(proto, peer=IPv4Address("TCP", host, port))
+            h.transports.append(t)
+            proto.makeConnection(t)
+
+        h.root._open = open_connected_at_once  # type: ignore[method-assign]
+        timers = len(h.reactor.getDelayedCalls())
+        g = h.guest()
+        self.assertIsNone(h.root._flush_call)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), timers)
+        self.assertEqual(h.inner.counters.accepted, 1)
+        self.assertTrue(g.reading)
+        self.assertFalse(h.root._in_read)
+        h.root.flush_soon()  # outside a read: the end-of-turn timer, as before
+        self.assertIsNotNone(h.root._flush_call)
 
 
 class LinkLifeTests(unittest.TestCase):

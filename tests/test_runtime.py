@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from typing import Any
@@ -20,6 +21,7 @@ from tproxy.runtime import (
     _load_libc,
     _MallInfo2,
     compact,
+    freeze_start_up,
     link_tables,
 )
 from tproxy.settings import Paths
@@ -339,3 +341,25 @@ class MemoryReclaimerTests(unittest.TestCase):
         r.check()
         self.assertIsNone(probe())
         self.assertEqual((r.collections, r.trims), (1, 1))
+
+
+class FreezeStartUpTests(unittest.TestCase):
+    def test_collects_then_freezes(self) -> None:
+        """Garbage made before is collected, what is alive is frozen, later objects are not."""
+        self.addCleanup(gc.unfreeze)
+
+        class Cycle:
+            pass
+
+        a = Cycle()
+        a.me = a  # type: ignore[attr-defined]
+        gone = weakref.ref(a)
+        del a
+        kept = Cycle()
+        frozen = freeze_start_up()
+        self.assertIsNone(gone())
+        self.assertEqual(frozen, gc.get_freeze_count())
+        self.assertGreater(frozen, 0)
+        self.assertNotIn(kept, gc.get_objects())  # frozen: out of the collector's view
+        later = Cycle()
+        self.assertIn(later, gc.get_objects())

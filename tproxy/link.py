@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs
-from tproxy.link_connect import ConnectDeadlines, connect_tcp
+from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tcp
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
@@ -84,8 +84,25 @@ EARLY_DATA_MAX = 1 << 16
 #: Every stream's clean end, one instance for all (Twisted's reactor shares its own too).
 _CONNECTION_DONE = Failure(ierror.ConnectionDone())
 
+#: The ``connectionLost`` of the transports ``_connection_done`` may stand in
+#: for: Twisted's own ``tcp.Connection``'s (``tcp.Server``, the inner's
+#: ``GuestServer``) and the root's ``OutgoingConnection`` (which adds a
+#: branch for a connect still in progress, not the case of a finished stream).
+_PLAIN_CONNECTION_LOST = frozenset(
+    {tcp.Connection.connectionLost, OutgoingConnection.connectionLost}
+)
+
 #: Most buffers one ``sendmsg`` of a link flush gathers (IOV_MAX is 1024).
 _MAX_IOV = 512
+
+
+# Stream states as module globals for the per-connection paths: on Python 3.11
+# a ``StreamState.OPEN``-style lookup goes through ``EnumType.__getattr__``'s
+# slot (about 850 instructions, callgrind), a global costs a few.
+_ST_CLOSED = StreamState.CLOSED
+_ST_HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
+_ST_OPEN = StreamState.OPEN
+_ST_OPENING = StreamState.OPENING
 
 
 def _socket_of(transport: Any) -> Any:
@@ -103,6 +120,30 @@ def _idle(t: Any) -> bool:
         and not t._writeDisconnecting
         and not t._writeDisconnected
     )
+
+
+def _connection_done(t: Any) -> None:
+    """``tcp.Connection.connectionLost(_CONNECTION_DONE)`` of a socket whose two FINs are through.
+
+    For a transport that no longer reads nor writes, has no producer and
+    must not be shut down before its close (``_maybe_finish``): the same
+    steps, less what cannot apply here - ``FileDescriptor.connectionLost``'s
+    second ``stopReading``/``stopWriting``, and
+    ``_closeSocket``'s ``reason.check(ConnectionAborted)`` (a ``Failure.check``
+    walks the exception's classes by qualified name).
+    """
+    t.disconnected = 1
+    t.connected = 0
+    producer = t.producer
+    if producer is not None:
+        t.producer = None
+        producer.stopProducing()
+    t.socket.close()
+    protocol = t.protocol
+    del t.protocol
+    del t.socket
+    del t.fileno
+    protocol.connectionLost(_CONNECTION_DONE)
 
 
 def _as_bytes(data: Chunk) -> bytes:
@@ -394,7 +435,7 @@ class _StreamProtocol(Protocol):
     def _take(self, data: bytes) -> bool:
         """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
         link = self.link
-        if self.ended or link.conn.stream_state(self.stream_id) is StreamState.CLOSED:
+        if self.ended or link.conn.stream_state(self.stream_id) is _ST_CLOSED:
             return False
         n = len(data)
         self.sent += n
@@ -413,9 +454,9 @@ class _StreamProtocol(Protocol):
         A service that answers and closes (HTTP with ``Connection: close``)
         has usually queued its FIN by the time the answer is read: a short
         read is followed by one more ``recv`` in the same turn, and when it
-        finds the EOF, DATA and HALF_CLOSE leave in one send (the reactor's
-        half-close path, ``readConnectionLost``, runs on the
-        ``CONNECTION_DONE`` returned) instead of a reactor turn each, and
+        finds the EOF, DATA and HALF_CLOSE leave in one send (reading
+        stops and ``readConnectionLost`` runs here, as the reactor would
+        on a ``CONNECTION_DONE``) instead of a reactor turn each, and
         the inner proxy wakes up once for both. Installed for the first read
         only: a keep-alive stream pays one ``recv`` (EAGAIN) per connection,
         not per request. Returns what Twisted's ``doRead`` returns.
@@ -451,7 +492,16 @@ class _StreamProtocol(Protocol):
         # and both leave at the end of the turn.
         if self._take(data):
             self.link.flush_soon()
-        return main.CONNECTION_DONE
+        # The reactor's path for a CONNECTION_DONE from doRead, taken here: stop
+        # reading, then our readConnectionLost. (Twisted's _disconnectSelectable
+        # and tcp.Connection.readConnectionLost first adapt the transport and the
+        # protocol to their half-close interfaces: a zope adaptation whose
+        # failed __conform__ lookup raises and clears an AttributeError, about
+        # 6k instructions per connection.) An exception from it reaches the
+        # reactor, which logs it and loses the connection, as Twisted's would.
+        t.stopReading()
+        self.readConnectionLost()
+        return None
 
     def _set_bulk(self, bulk: bool) -> None:
         """Enter or leave bulk mode: the transport's ``doRead`` is ``_splice_read`` in it.
@@ -494,7 +544,7 @@ class _StreamProtocol(Protocol):
         if (
             window <= 0
             or conn.buffered(sid)
-            or (state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_REMOTE)
+            or (state is not _ST_OPEN and state is not _ST_HALF_CLOSED_REMOTE)
         ):
             return self._tcp_do_read()
         pipe_in = link._pipe_in()
@@ -530,7 +580,7 @@ class _StreamProtocol(Protocol):
             return
         self._read_eof = True
         state = self.link.conn.stream_state(self.stream_id)
-        if state is StreamState.OPEN or state is StreamState.HALF_CLOSED_REMOTE:
+        if state is _ST_OPEN or state is _ST_HALF_CLOSED_REMOTE:
             self.link.conn.half_close(self.stream_id)
             self.link.flush_soon()
         self._maybe_finish()
@@ -553,7 +603,10 @@ class _StreamProtocol(Protocol):
                 # walk) per connection, as the reactor's _disconnectSelectable does.
                 t.stopReading()
                 t.stopWriting()
-                t.connectionLost(_CONNECTION_DONE)
+                if type(t).connectionLost in _PLAIN_CONNECTION_LOST:
+                    _connection_done(t)
+                else:
+                    t.connectionLost(_CONNECTION_DONE)
             else:
                 t.loseConnection()
 
@@ -711,6 +764,10 @@ class LinkProtocol(Protocol):
         #: ``flush_soon`` waits for the end of the reactor turn (a real reactor only:
         #: fake clocks in tests run nothing until advanced, so there it flushes now).
         self._batch_flush = isinstance(reactor, PosixReactorBase)
+        #: Inside ``dataReceived``'s frame loop, which ends with a flush: a
+        #: ``flush_soon`` there needs no timer (one ``callLater``, its
+        #: DelayedCall and a reactor timeout pass less per link read).
+        self._in_read = False
         self._ping_ids = itertools.count(1)
 
     @property
@@ -909,6 +966,8 @@ class LinkProtocol(Protocol):
         """
         if not self._batch_flush:
             self.flush()
+        elif self._in_read:
+            pass  # dataReceived flushes once the read's frames are handled: no timer
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self._flush_turn)
 
@@ -931,6 +990,19 @@ class LinkProtocol(Protocol):
             self.flush()
             self._close()
             return
+        self._in_read = True
+        try:
+            self._handle(events)
+        except BaseException:
+            self._in_read = False
+            self.flush_soon()  # what was queued still leaves, as before
+            raise
+        self._in_read = False
+        self.flush()
+        self._maybe_close()
+
+    def _handle(self, events: list[ev.Event]) -> None:
+        """Act on one link read's events (``dataReceived`` flushes afterwards)."""
         streams = self._streams
         # Consecutive DATA of one stream (a link read carries up to 16 frames of a
         # bulk stream) is written to its socket with one sendmsg.
@@ -959,8 +1031,6 @@ class LinkProtocol(Protocol):
                 self._event(event)
         if batch_s is not None:
             batch_s.deliver_all(batch)
-        self.flush()
-        self._maybe_close()
 
     def _event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamWritable):
@@ -1034,9 +1104,9 @@ class LinkProtocol(Protocol):
 
     def _tcp_lost(self, s: _StreamProtocol, reason: Failure) -> None:
         """A stream's TCP connection is gone: if the stream still lives, reset it."""
-        state = self.conn.stream_state(s.stream_id) if s.stream_id else StreamState.CLOSED
-        if state is not StreamState.CLOSED:
-            if state is StreamState.OPENING:
+        state = self.conn.stream_state(s.stream_id) if s.stream_id else _ST_CLOSED
+        if state is not _ST_CLOSED:
+            if state is _ST_OPENING:
                 s.sent -= s.early  # Early data that never reached the service.
             if not self._lost:
                 self.conn.reset(s.stream_id, Reason.ABORTED)
@@ -1455,7 +1525,7 @@ class RootLink(LinkProtocol):
 
     def _tcp_connected(self, s: _StreamProtocol) -> None:
         s.connecting = None
-        if self._lost or self.conn.stream_state(s.stream_id) is not StreamState.OPENING:
+        if self._lost or self.conn.stream_state(s.stream_id) is not _ST_OPENING:
             s.abort()
             return
         self.conn.accept(s.stream_id)

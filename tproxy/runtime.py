@@ -180,6 +180,24 @@ class MemoryReclaimer:
             self._loop.stop()
 
 
+def freeze_start_up() -> int:
+    """Collect once, then leave every object alive now out of later collections.
+
+    Why: a daemon's start-up objects (Twisted, the modules, the
+    configuration: ~36,000 tracked objects in the root) live as long as the
+    process, yet every full collection walks them all - ``MemoryReclaimer``'s
+    ``gc.collect()`` every ``RECLAIM_INTERVAL`` seconds under a steady load,
+    and the collector's own generation-2 runs: 6.3 ms each in the root on
+    this machine, next to nothing once they are frozen (``gc.freeze``).
+    Garbage made before the call is collected first; objects made after it
+    (connections, links) are collected as before. Returns how many objects
+    were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def steady_heap(libc: Any) -> bool:
     """Make glibc serve the data path's large buffers from its heap (issue 7 (a)).
 

@@ -24,7 +24,13 @@ from tproxy.metrics import COUNTERS_OFF_MESSAGE, BridgeStats, counting_enabled
 from tproxy.observe import status_document
 from tproxy.procs import ROOT_TITLE
 from tproxy.root import RootService, adopt_with
-from tproxy.runtime import DaemonRuntime, MemoryReclaimer, Tables, link_tables
+from tproxy.runtime import (
+    DaemonRuntime,
+    MemoryReclaimer,
+    Tables,
+    freeze_start_up,
+    link_tables,
+)
 from tproxy.spawn import Launcher, SpawnLauncher, TemplateLauncher
 
 log = Logger(namespace="tproxy.tap")
@@ -171,6 +177,8 @@ class RootDaemon(MultiService):
         if not self.counting:
             log.warn(COUNTERS_OFF_MESSAGE)
         super().privilegedStartService()
+        if self._set_title:  # the real daemon: start-up done, out of later full collections
+            freeze_start_up()
 
 
     def stopService(self) -> Any:

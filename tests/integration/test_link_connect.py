@@ -88,10 +88,11 @@ class ConnectTests(unittest.TestCase):
         seen, _ = self._failures()
         deadlines = ConnectDeadlines(reactor)
         conn = connect_tcp(
-            reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed, None, deadlines
+            reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed, p, deadlines
         )
         self.addCleanup(conn.abortConnection)
         self.assertTrue(p.made.called)
+        self.assertIsNone(conn._arg)  # on_failed's argument dropped: no cycle with the protocol
         self.assertIs(p.transport, conn)
         self.assertIn(conn, reactor.getReaders())  # type: ignore[attr-defined]
         self.assertNotIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
@@ -137,11 +138,15 @@ class ConnectTests(unittest.TestCase):
         self.addCleanup(listening.stopListening)
         p = _Recorder()
         seen, _ = self._failures()
-        conn = connect_tcp(reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed)
+        conn = connect_tcp(
+            reactor, "127.0.0.1", listening.getHost().port, p, 5.0, self.on_failed, p
+        )
         self.assertFalse(p.made.called)
+        self.assertIs(conn._arg, p)
         self.assertIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
         yield p.made
         self.assertIs(p.transport, conn)
+        self.assertIsNone(conn._arg)  # on_failed's argument dropped: no cycle with the protocol
         self.assertNotIn(conn, reactor.getWriters())  # type: ignore[attr-defined]
         self.assertIsNone(conn._timer)
         self.assertEqual(seen, [])

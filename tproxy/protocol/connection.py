@@ -194,10 +194,40 @@ class _Stream:
         self.fin_queued = False
 
 
+# Enum members as module globals for the per-frame paths: on Python 3.11 every
+# ``StreamState.OPEN``-style lookup goes through ``EnumType.__getattr__``'s
+# slot (about 850 instructions, callgrind), a global costs a few.
+_FT_CONFIG = FrameType.CONFIG
+_FT_DATA = FrameType.DATA
+_FT_GO_AWAY = FrameType.GO_AWAY
+_FT_HALF_CLOSE = FrameType.HALF_CLOSE
+_FT_OPEN = FrameType.OPEN
+_FT_OPEN_RESULT = FrameType.OPEN_RESULT
+_FT_PING = FrameType.PING
+_FT_PONG = FrameType.PONG
+_FT_WINDOW_UPDATE = FrameType.WINDOW_UPDATE
+_IN_RECV_ACCEPT = Input.RECV_ACCEPT
+_IN_RECV_HALF_CLOSE = Input.RECV_HALF_CLOSE
+_IN_RECV_REFUSE = Input.RECV_REFUSE
+_IN_RECV_RESET = Input.RECV_RESET
+_IN_RECV_WINDOW_UPDATE = Input.RECV_WINDOW_UPDATE
+_IN_SEND_ACCEPT = Input.SEND_ACCEPT
+_IN_SEND_HALF_CLOSE = Input.SEND_HALF_CLOSE
+_IN_SEND_OPEN = Input.SEND_OPEN
+_IN_SEND_REFUSE = Input.SEND_REFUSE
+_IN_SEND_RESET = Input.SEND_RESET
+_IN_SEND_WINDOW_UPDATE = Input.SEND_WINDOW_UPDATE
+_REASON_OK = Reason.OK
+_ROLE_INNER = Role.INNER
+_ROLE_ROOT = Role.ROOT
+_ST_CLOSED = StreamState.CLOSED
+_ST_HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
+_ST_IDLE = StreamState.IDLE
+_ST_OPEN = StreamState.OPEN
+_ST_OPENING = StreamState.OPENING
 _RECV_DATA = Input.RECV_DATA
-_OPENING = StreamState.OPENING
 _HEADER_PACK = frames.HEADER.pack
-_DATA = int(FrameType.DATA)
+_DATA = int(_FT_DATA)
 _FRAME_TYPES = {t.value: t for t in FrameType}
 
 
@@ -250,7 +280,7 @@ class Connection:
     def may_open(self) -> bool:
         """Whether ``open_stream`` may be called now (inner, no GO_AWAY either way)."""
         return (
-            self.role is Role.INNER
+            self.role is _ROLE_INNER
             and not self.go_away_sent
             and not self.go_away_received
             and self.error is None
@@ -266,7 +296,7 @@ class Connection:
         st = self._streams.get(stream_id)
         if st is not None:
             return st.state
-        return StreamState.CLOSED if 0 < stream_id <= self._last_id else StreamState.IDLE
+        return _ST_CLOSED if 0 < stream_id <= self._last_id else _ST_IDLE
 
     def send_window(self, stream_id: int) -> int:
         """Credit left for sending on a stream (0 for a closed one)."""
@@ -303,7 +333,7 @@ class Connection:
                 f"stream {stream_id}: {inp.name} not allowed in state {st.state.value}"
             )
         st.state = nxt
-        if nxt is S.CLOSED:
+        if nxt is _ST_CLOSED:
             del self._streams[stream_id]
         return nxt
 
@@ -311,7 +341,7 @@ class Connection:
 
     def open_stream(self, service_port: int, guest_host: str, guest_port: int) -> int:
         """Inner: open a stream to a service port; returns its id."""
-        if self.role is not Role.INNER:
+        if self.role is not _ROLE_INNER:
             raise UsageError("only the inner proxy opens streams")
         if not self.may_open:
             raise UsageError("no new streams on this connection (GO_AWAY or error)")
@@ -320,9 +350,9 @@ class Connection:
         sid = self._last_id + 1
         frame = frames.encode_open(sid, service_port, guest_host, guest_port)
         self._last_id = sid
-        st = _Stream(S.IDLE, self.initial_window)
+        st = _Stream(_ST_IDLE, self.initial_window)
         self._streams[sid] = st
-        self._transition(st, sid, I.SEND_OPEN)
+        self._transition(st, sid, _IN_SEND_OPEN)
         # Early data is charged to the root's initial window from the start.
         w = self._decoder.preface_window
         st.send_window = -1 if w is None else w
@@ -336,25 +366,25 @@ class Connection:
 
     def accept(self, stream_id: int) -> None:
         """Root: the stream's destination is connected; the stream is open."""
-        if self.role is not Role.ROOT:
+        if self.role is not _ROLE_ROOT:
             raise UsageError("only the root proxy answers opens")
         st = self._command_stream(stream_id)
         if st is None:
             return
-        self._transition(st, stream_id, I.SEND_ACCEPT)
+        self._transition(st, stream_id, _IN_SEND_ACCEPT)
         st.send_window = self._peer_window()
-        self._out.append(frames.encode_open_result(stream_id, Reason.OK))
+        self._out.append(frames.encode_open_result(stream_id, _REASON_OK))
 
     def refuse(self, stream_id: int, reason: Reason) -> None:
         """Root: the stream cannot be opened, for ``reason``; it is closed."""
-        if self.role is not Role.ROOT:
+        if self.role is not _ROLE_ROOT:
             raise UsageError("only the root proxy answers opens")
-        if reason is Reason.OK:
+        if reason is _REASON_OK:
             raise UsageError("refuse needs a failure reason")
         st = self._command_stream(stream_id)
         if st is None:
             return
-        self._transition(st, stream_id, I.SEND_REFUSE)
+        self._transition(st, stream_id, _IN_SEND_REFUSE)
         self._out.append(frames.encode_open_result(stream_id, reason))
 
     def send_data(self, stream_id: int, data: frames.Chunk) -> None:
@@ -367,9 +397,9 @@ class Connection:
             return
         state = st.state
         if st.fin_queued or (
-            state is not S.OPEN
-            and state is not S.HALF_CLOSED_REMOTE
-            and (state is not S.OPENING or self.role is not Role.INNER)
+            state is not _ST_OPEN
+            and state is not _ST_HALF_CLOSED_REMOTE
+            and (state is not _ST_OPENING or self.role is not _ROLE_INNER)
         ):
             raise UsageError(f"stream {stream_id}: no data may be sent in state {st.state.value}")
         n = len(data)
@@ -413,7 +443,7 @@ class Connection:
         n = len(payload)
         if (
             st.fin_queued
-            or (st.state is not S.OPEN and st.state is not S.HALF_CLOSED_REMOTE)
+            or (st.state is not _ST_OPEN and st.state is not _ST_HALF_CLOSED_REMOTE)
             or st.pending is not None
             or not 0 < n <= min(st.send_window, self.max_payload)
         ):
@@ -463,7 +493,7 @@ class Connection:
             st.fin_queued = False
             self._out.append(frames.encode_half_close(stream_id))
             # The state changes when the HALF_CLOSE really goes out, i.e. now.
-            self._transition(st, stream_id, I.SEND_HALF_CLOSE)
+            self._transition(st, stream_id, _IN_SEND_HALF_CLOSE)
         return True
 
     def half_close(self, stream_id: int) -> None:
@@ -471,12 +501,12 @@ class Connection:
         st = self._command_stream(stream_id)
         if st is None:
             return
-        if st.fin_queued or TRANSITIONS.get((st.state, I.SEND_HALF_CLOSE)) is None:
+        if st.fin_queued or TRANSITIONS.get((st.state, _IN_SEND_HALF_CLOSE)) is None:
             raise UsageError(f"stream {stream_id}: cannot half-close in state {st.state.value}")
         if st.pending_len:
             st.fin_queued = True
             return
-        self._transition(st, stream_id, I.SEND_HALF_CLOSE)
+        self._transition(st, stream_id, _IN_SEND_HALF_CLOSE)
         self._out.append(frames.encode_half_close(stream_id))
 
     def reset(self, stream_id: int, reason: Reason) -> None:
@@ -487,7 +517,7 @@ class Connection:
         st.pending = None
         st.pending_len = 0
         st.fin_queued = False
-        self._transition(st, stream_id, I.SEND_RESET)
+        self._transition(st, stream_id, _IN_SEND_RESET)
         self._out.append(frames.encode_reset(stream_id, reason))
 
     def consumed(self, stream_id: int, n: int) -> None:
@@ -510,7 +540,7 @@ class Connection:
         st = self._command_stream(stream_id)
         if st is None or not st.unacked:
             return
-        if TRANSITIONS.get((st.state, I.SEND_WINDOW_UPDATE)) is None:
+        if TRANSITIONS.get((st.state, _IN_SEND_WINDOW_UPDATE)) is None:
             return  # The peer sends no more data: its credit no longer matters.
         inc = st.unacked
         st.unacked = 0
@@ -519,7 +549,7 @@ class Connection:
 
     def push_config(self, service_ports: frozenset[int] | set[int] | list[int]) -> None:
         """Root: tell the inner proxy the service ports of its bridge."""
-        if self.role is not Role.ROOT:
+        if self.role is not _ROLE_ROOT:
             raise UsageError("only the root proxy pushes config")
         for p in service_ports:
             if not 1 <= p <= 65535:
@@ -542,7 +572,7 @@ class Connection:
 
     def send_stats(self, payload: bytes) -> None:
         """Inner: send a STATS frame (reserved; opaque payload in version 1)."""
-        if self.role is not Role.INNER:
+        if self.role is not _ROLE_INNER:
             raise UsageError("only the inner proxy sends STATS")
         if len(payload) > self.max_payload:
             raise UsageError("STATS payload too large")
@@ -573,7 +603,7 @@ class Connection:
                     st = streams.get(sid)
                     if st is not None:
                         nxt = TRANSITIONS.get((st.state, _RECV_DATA))
-                        if nxt is None or (nxt is _OPENING and self.role is Role.INNER):
+                        if nxt is None or (nxt is _ST_OPENING and self.role is _ROLE_INNER):
                             raise ProtocolError(
                                 Reason.PROTOCOL_ERROR,
                                 f"stream {sid}: DATA in state {st.state.value}",
@@ -615,7 +645,7 @@ class Connection:
             return
         if sid == 0:
             raise ProtocolError(Reason.PROTOCOL_ERROR, f"{kind.name} on stream 0")
-        if kind is FrameType.OPEN:
+        if kind is _FT_OPEN:
             self._recv_open(sid, payload, events)
             return
         st = self._streams.get(sid)
@@ -626,23 +656,23 @@ class Connection:
                 )
             return  # In flight when the stream closed (a reset crossed it): ignored.
         # DATA never gets here: flags were checked above and the hot path took it otherwise.
-        if kind is FrameType.OPEN_RESULT:
-            if self.role is not Role.INNER:
+        if kind is _FT_OPEN_RESULT:
+            if self.role is not _ROLE_INNER:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "OPEN_RESULT sent to the root")
             reason = frames.parse_reason(payload, allow_ok=True)
-            if reason is Reason.OK:
-                self._recv_transition(st, sid, I.RECV_ACCEPT, kind)
+            if reason is _REASON_OK:
+                self._recv_transition(st, sid, _IN_RECV_ACCEPT, kind)
                 events.append(StreamAccepted(sid))
                 if st.send_window < 0:  # Opened before the root's preface came.
                     st.send_window = self._peer_window()
                     if st.pending is not None and self._flush(sid, st):
                         events.append(StreamWritable(sid))
             else:
-                self._recv_transition(st, sid, I.RECV_REFUSE, kind)
+                self._recv_transition(st, sid, _IN_RECV_REFUSE, kind)
                 events.append(StreamRefused(sid, reason))
-        elif kind is FrameType.WINDOW_UPDATE:
+        elif kind is _FT_WINDOW_UPDATE:
             inc = frames.parse_window_update(payload)
-            self._recv_transition(st, sid, I.RECV_WINDOW_UPDATE, kind)
+            self._recv_transition(st, sid, _IN_RECV_WINDOW_UPDATE, kind)
             st.send_window += inc
             if st.send_window > frames.MAX_WINDOW:
                 raise ProtocolError(
@@ -650,16 +680,16 @@ class Connection:
                 )
             if st.pending is not None and self._flush(sid, st):
                 events.append(StreamWritable(sid))
-        elif kind is FrameType.HALF_CLOSE:
+        elif kind is _FT_HALF_CLOSE:
             if payload:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "HALF_CLOSE with a payload")
-            self._recv_transition(st, sid, I.RECV_HALF_CLOSE, kind)
+            self._recv_transition(st, sid, _IN_RECV_HALF_CLOSE, kind)
             events.append(HalfClosed(sid))
         else:  # RESET
             reason = frames.parse_reason(payload, allow_ok=False)
             st.pending = None
             st.pending_len = 0
-            self._recv_transition(st, sid, I.RECV_RESET, kind)
+            self._recv_transition(st, sid, _IN_RECV_RESET, kind)
             events.append(StreamReset(sid, reason))
 
     def _recv_transition(self, st: _Stream, sid: int, inp: Input, kind: FrameType) -> None:
@@ -669,11 +699,11 @@ class Connection:
                 Reason.PROTOCOL_ERROR, f"stream {sid}: {kind.name} in state {st.state.value}"
             )
         st.state = nxt
-        if nxt is S.CLOSED:
+        if nxt is _ST_CLOSED:
             del self._streams[sid]
 
     def _recv_open(self, sid: int, payload: bytes, events: list[Event]) -> None:
-        if self.role is not Role.ROOT:
+        if self.role is not _ROLE_ROOT:
             raise ProtocolError(Reason.PROTOCOL_ERROR, "OPEN sent to the inner proxy")
         if sid <= self._last_id:
             raise ProtocolError(
@@ -688,29 +718,29 @@ class Connection:
             reason = Reason.SHUTTING_DOWN if self.go_away_sent else Reason.TOO_MANY_STREAMS
             self._out.append(frames.encode_open_result(sid, reason))
             return
-        st = _Stream(S.OPENING, self.initial_window)
+        st = _Stream(_ST_OPENING, self.initial_window)
         self._streams[sid] = st
         events.append(OpenRequested(sid, port, host, gport))
 
     def _connection_frame(self, kind: FrameType, payload: bytes, events: list[Event]) -> None:
-        if kind is FrameType.PING:
+        if kind is _FT_PING:
             if len(payload) != frames.PING_SIZE:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"PING of {len(payload)} bytes")
             self._out.append(frames.encode_pong(payload))
-        elif kind is FrameType.PONG:
+        elif kind is _FT_PONG:
             if len(payload) != frames.PING_SIZE:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, f"PONG of {len(payload)} bytes")
             events.append(PongReceived(payload))
-        elif kind is FrameType.CONFIG:
-            if self.role is not Role.INNER:
+        elif kind is _FT_CONFIG:
+            if self.role is not _ROLE_INNER:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "CONFIG sent to the root")
             events.append(ConfigReceived(frames.parse_config(payload)))
-        elif kind is FrameType.GO_AWAY:
+        elif kind is _FT_GO_AWAY:
             reason, last = frames.parse_go_away(payload)
             self.go_away_received = True
             events.append(GoAwayReceived(reason, last))
         else:  # STATS
-            if self.role is not Role.ROOT:
+            if self.role is not _ROLE_ROOT:
                 raise ProtocolError(Reason.PROTOCOL_ERROR, "STATS sent to the inner proxy")
             events.append(StatsReceived(payload))
 

@@ -152,32 +152,48 @@ def _address_text_other(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
+# Frame type codes as plain ints and Reason.OK as a global: the encoders and
+# parsers run per frame, and on Python 3.11 a ``FrameType.OPEN``-style lookup
+# goes through ``EnumType.__getattr__``'s slot (hundreds of instructions).
+_T_CONFIG = int(FrameType.CONFIG)
+_T_GO_AWAY = int(FrameType.GO_AWAY)
+_T_HALF_CLOSE = int(FrameType.HALF_CLOSE)
+_T_OPEN = int(FrameType.OPEN)
+_T_OPEN_RESULT = int(FrameType.OPEN_RESULT)
+_T_PING = int(FrameType.PING)
+_T_PONG = int(FrameType.PONG)
+_T_RESET = int(FrameType.RESET)
+_T_STATS = int(FrameType.STATS)
+_T_WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
+_REASON_OK = Reason.OK
+
+
 def encode_open(stream_id: int, service_port: int, guest_host: str, guest_port: int) -> bytes:
     """OPEN: service port u16, guest port u16, guest IPv4 (4 bytes) or IPv6 (16 bytes)."""
     packed = _packed_address(guest_host)
     st = _OPEN4 if len(packed) == 4 else _OPEN6
     body = st.pack(service_port, guest_port, packed)
-    return HEADER.pack(FrameType.OPEN, 0, stream_id, len(body)) + body
+    return HEADER.pack(_T_OPEN, 0, stream_id, len(body)) + body
 
 
 def encode_open_result(stream_id: int, reason: Reason) -> bytes:
     """OPEN_RESULT: reason u8 (OK accepts the stream)."""
-    return HEADER.pack(FrameType.OPEN_RESULT, 0, stream_id, 1) + _U8.pack(reason)
+    return HEADER.pack(_T_OPEN_RESULT, 0, stream_id, 1) + _U8.pack(reason)
 
 
 def encode_window_update(stream_id: int, increment: int) -> bytes:
     """WINDOW_UPDATE: increment u32."""
-    return HEADER.pack(FrameType.WINDOW_UPDATE, 0, stream_id, 4) + _U32.pack(increment)
+    return HEADER.pack(_T_WINDOW_UPDATE, 0, stream_id, 4) + _U32.pack(increment)
 
 
 def encode_half_close(stream_id: int) -> bytes:
     """HALF_CLOSE: no payload."""
-    return HEADER.pack(FrameType.HALF_CLOSE, 0, stream_id, 0)
+    return HEADER.pack(_T_HALF_CLOSE, 0, stream_id, 0)
 
 
 def encode_reset(stream_id: int, reason: Reason) -> bytes:
     """RESET: reason u8."""
-    return HEADER.pack(FrameType.RESET, 0, stream_id, 1) + _U8.pack(reason)
+    return HEADER.pack(_T_RESET, 0, stream_id, 1) + _U8.pack(reason)
 
 
 def encode_config(service_ports: Iterable[int]) -> bytes:
@@ -186,29 +202,29 @@ def encode_config(service_ports: Iterable[int]) -> bytes:
     body = struct.pack(f"!{len(ports)}H", *ports)
     if len(body) > MAX_PAYLOAD:
         raise ValueError(f"{len(ports)} service ports do not fit one CONFIG frame")
-    return HEADER.pack(FrameType.CONFIG, 0, 0, len(body)) + body
+    return HEADER.pack(_T_CONFIG, 0, 0, len(body)) + body
 
 
 def encode_ping(payload: bytes) -> bytes:
     """PING: 8 opaque bytes."""
-    return HEADER.pack(FrameType.PING, 0, 0, PING_SIZE) + payload
+    return HEADER.pack(_T_PING, 0, 0, PING_SIZE) + payload
 
 
 def encode_pong(payload: bytes) -> bytes:
     """PONG: the 8 bytes of the PING it answers."""
-    return HEADER.pack(FrameType.PONG, 0, 0, PING_SIZE) + payload
+    return HEADER.pack(_T_PONG, 0, 0, PING_SIZE) + payload
 
 
 def encode_go_away(reason: Reason, last_stream_id: int) -> bytes:
     """GO_AWAY: reason u8, last stream id u32 (highest stream id the sender has seen)."""
-    return HEADER.pack(FrameType.GO_AWAY, 0, 0, _GO_AWAY.size) + _GO_AWAY.pack(
+    return HEADER.pack(_T_GO_AWAY, 0, 0, _GO_AWAY.size) + _GO_AWAY.pack(
         reason, last_stream_id
     )
 
 
 def encode_stats(payload: bytes) -> bytes:
     """STATS: reserved for counters (inner to root); the payload is opaque in version 1."""
-    return HEADER.pack(FrameType.STATS, 0, 0, len(payload)) + payload
+    return HEADER.pack(_T_STATS, 0, 0, len(payload)) + payload
 
 
 # ---------------------------------------------------------------- payload parsers
@@ -221,7 +237,7 @@ def parse_reason(payload: bytes, allow_ok: bool) -> Reason:
     reason = REASONS.get(payload[0])
     if reason is None:
         raise FrameError(Reason.PROTOCOL_ERROR, f"unknown reason code {payload[0]}")
-    if reason is Reason.OK and not allow_ok:
+    if reason is _REASON_OK and not allow_ok:
         raise FrameError(Reason.PROTOCOL_ERROR, "reason OK where a failure is required")
     return reason
 
