@@ -138,7 +138,10 @@ def _connection_done(t: Any) -> None:
     if producer is not None:
         t.producer = None
         producer.stopProducing()
-    t.socket.close()
+    try:
+        t.socket.close()
+    except OSError:  # as Twisted's _closeSocket: the descriptor is gone either way
+        pass
     protocol = t.protocol
     del t.protocol
     del t.socket
