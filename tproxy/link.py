@@ -56,7 +56,15 @@ from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tc
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
 from tproxy.protocol import events as ev
-from tproxy.protocol.connection import Connection, ProtocolError, Role, StreamState
+from tproxy.protocol.connection import (
+    ST_CLOSED,
+    ST_HALF_CLOSED_REMOTE,
+    ST_OPEN,
+    ST_OPENING,
+    Connection,
+    ProtocolError,
+    Role,
+)
 from tproxy.protocol.frames import DEFAULT_WINDOW, Chunk, Reason
 
 #: Seconds between PINGs on an idle or busy link.
@@ -94,15 +102,6 @@ _PLAIN_CONNECTION_LOST = frozenset(
 
 #: Most buffers one ``sendmsg`` of a link flush gathers (IOV_MAX is 1024).
 _MAX_IOV = 512
-
-
-# Stream states as module globals for the per-connection paths: on Python 3.11
-# a ``StreamState.OPEN``-style lookup goes through ``EnumType.__getattr__``'s
-# slot (about 850 instructions, callgrind), a global costs a few.
-_ST_CLOSED = StreamState.CLOSED
-_ST_HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
-_ST_OPEN = StreamState.OPEN
-_ST_OPENING = StreamState.OPENING
 
 
 def _socket_of(transport: Any) -> Any:
@@ -438,7 +437,7 @@ class _StreamProtocol(Protocol):
     def _take(self, data: bytes) -> bool:
         """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
         link = self.link
-        if self.ended or link.conn.stream_state(self.stream_id) is _ST_CLOSED:
+        if self.ended or link.conn.stream_state(self.stream_id) is ST_CLOSED:
             return False
         n = len(data)
         self.sent += n
@@ -547,7 +546,7 @@ class _StreamProtocol(Protocol):
         if (
             window <= 0
             or conn.buffered(sid)
-            or (state is not _ST_OPEN and state is not _ST_HALF_CLOSED_REMOTE)
+            or (state is not ST_OPEN and state is not ST_HALF_CLOSED_REMOTE)
         ):
             return self._tcp_do_read()
         pipe_in = link._pipe_in()
@@ -583,7 +582,7 @@ class _StreamProtocol(Protocol):
             return
         self._read_eof = True
         state = self.link.conn.stream_state(self.stream_id)
-        if state is _ST_OPEN or state is _ST_HALF_CLOSED_REMOTE:
+        if state is ST_OPEN or state is ST_HALF_CLOSED_REMOTE:
             self.link.conn.half_close(self.stream_id)
             self.link.flush_soon()
         self._maybe_finish()
@@ -1107,9 +1106,9 @@ class LinkProtocol(Protocol):
 
     def _tcp_lost(self, s: _StreamProtocol, reason: Failure) -> None:
         """A stream's TCP connection is gone: if the stream still lives, reset it."""
-        state = self.conn.stream_state(s.stream_id) if s.stream_id else _ST_CLOSED
-        if state is not _ST_CLOSED:
-            if state is _ST_OPENING:
+        state = self.conn.stream_state(s.stream_id) if s.stream_id else ST_CLOSED
+        if state is not ST_CLOSED:
+            if state is ST_OPENING:
                 s.sent -= s.early  # Early data that never reached the service.
             if not self._lost:
                 self.conn.reset(s.stream_id, Reason.ABORTED)
@@ -1528,7 +1527,7 @@ class RootLink(LinkProtocol):
 
     def _tcp_connected(self, s: _StreamProtocol) -> None:
         s.connecting = None
-        if self._lost or self.conn.stream_state(s.stream_id) is not _ST_OPENING:
+        if self._lost or self.conn.stream_state(s.stream_id) is not ST_OPENING:
             s.abort()
             return
         self.conn.accept(s.stream_id)

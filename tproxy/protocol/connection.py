@@ -196,7 +196,8 @@ class _Stream:
 
 # Enum members as module globals for the per-frame paths: on Python 3.11 every
 # ``StreamState.OPEN``-style lookup goes through ``EnumType.__getattr__``'s
-# slot (about 850 instructions, callgrind), a global costs a few.
+# slot (about 850 instructions, callgrind), a global costs a few. The ``ST_``
+# names are public: ``tproxy.link`` tests stream states on its hot paths too.
 _FT_CONFIG = FrameType.CONFIG
 _FT_DATA = FrameType.DATA
 _FT_GO_AWAY = FrameType.GO_AWAY
@@ -220,11 +221,11 @@ _IN_SEND_WINDOW_UPDATE = Input.SEND_WINDOW_UPDATE
 _REASON_OK = Reason.OK
 _ROLE_INNER = Role.INNER
 _ROLE_ROOT = Role.ROOT
-_ST_CLOSED = StreamState.CLOSED
-_ST_HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
-_ST_IDLE = StreamState.IDLE
-_ST_OPEN = StreamState.OPEN
-_ST_OPENING = StreamState.OPENING
+ST_CLOSED = StreamState.CLOSED
+ST_HALF_CLOSED_REMOTE = StreamState.HALF_CLOSED_REMOTE
+ST_IDLE = StreamState.IDLE
+ST_OPEN = StreamState.OPEN
+ST_OPENING = StreamState.OPENING
 _RECV_DATA = Input.RECV_DATA
 _HEADER_PACK = frames.HEADER.pack
 _DATA = int(_FT_DATA)
@@ -296,7 +297,7 @@ class Connection:
         st = self._streams.get(stream_id)
         if st is not None:
             return st.state
-        return _ST_CLOSED if 0 < stream_id <= self._last_id else _ST_IDLE
+        return ST_CLOSED if 0 < stream_id <= self._last_id else ST_IDLE
 
     def send_window(self, stream_id: int) -> int:
         """Credit left for sending on a stream (0 for a closed one)."""
@@ -333,7 +334,7 @@ class Connection:
                 f"stream {stream_id}: {inp.name} not allowed in state {st.state.value}"
             )
         st.state = nxt
-        if nxt is _ST_CLOSED:
+        if nxt is ST_CLOSED:
             del self._streams[stream_id]
         return nxt
 
@@ -350,7 +351,7 @@ class Connection:
         sid = self._last_id + 1
         frame = frames.encode_open(sid, service_port, guest_host, guest_port)
         self._last_id = sid
-        st = _Stream(_ST_IDLE, self.initial_window)
+        st = _Stream(ST_IDLE, self.initial_window)
         self._streams[sid] = st
         self._transition(st, sid, _IN_SEND_OPEN)
         # Early data is charged to the root's initial window from the start.
@@ -397,9 +398,9 @@ class Connection:
             return
         state = st.state
         if st.fin_queued or (
-            state is not _ST_OPEN
-            and state is not _ST_HALF_CLOSED_REMOTE
-            and (state is not _ST_OPENING or self.role is not _ROLE_INNER)
+            state is not ST_OPEN
+            and state is not ST_HALF_CLOSED_REMOTE
+            and (state is not ST_OPENING or self.role is not _ROLE_INNER)
         ):
             raise UsageError(f"stream {stream_id}: no data may be sent in state {st.state.value}")
         n = len(data)
@@ -443,7 +444,7 @@ class Connection:
         n = len(payload)
         if (
             st.fin_queued
-            or (st.state is not _ST_OPEN and st.state is not _ST_HALF_CLOSED_REMOTE)
+            or (st.state is not ST_OPEN and st.state is not ST_HALF_CLOSED_REMOTE)
             or st.pending is not None
             or not 0 < n <= min(st.send_window, self.max_payload)
         ):
@@ -603,7 +604,7 @@ class Connection:
                     st = streams.get(sid)
                     if st is not None:
                         nxt = TRANSITIONS.get((st.state, _RECV_DATA))
-                        if nxt is None or (nxt is _ST_OPENING and self.role is _ROLE_INNER):
+                        if nxt is None or (nxt is ST_OPENING and self.role is _ROLE_INNER):
                             raise ProtocolError(
                                 Reason.PROTOCOL_ERROR,
                                 f"stream {sid}: DATA in state {st.state.value}",
@@ -699,7 +700,7 @@ class Connection:
                 Reason.PROTOCOL_ERROR, f"stream {sid}: {kind.name} in state {st.state.value}"
             )
         st.state = nxt
-        if nxt is _ST_CLOSED:
+        if nxt is ST_CLOSED:
             del self._streams[sid]
 
     def _recv_open(self, sid: int, payload: bytes, events: list[Event]) -> None:
@@ -718,7 +719,7 @@ class Connection:
             reason = Reason.SHUTTING_DOWN if self.go_away_sent else Reason.TOO_MANY_STREAMS
             self._out.append(frames.encode_open_result(sid, reason))
             return
-        st = _Stream(_ST_OPENING, self.initial_window)
+        st = _Stream(ST_OPENING, self.initial_window)
         self._streams[sid] = st
         events.append(OpenRequested(sid, port, host, gport))
 
