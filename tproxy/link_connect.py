@@ -92,17 +92,12 @@ class OutgoingConnection(tcp.Connection):
         if err:
             self._fail(error.getConnectError((err, os.strerror(err))))
             return
-        self._connecting = False
-        del self.doWrite
-        self._arg = None  # the stream's protocol: no transport <-> protocol cycle left
         self._stop_timer()
-        self.startReading()
         self.stopWriting()
-        self.connected = 1
-        self.protocol.makeConnection(self)
+        self._connected_now()
 
     def _connected_now(self) -> None:
-        """The connect was complete when ``connect`` returned: connected, and reading."""
+        """Connected (at once, or on the first writable event): reading, the protocol told."""
         self._connecting = False
         del self.doWrite
         # ``_arg`` (the stream's protocol, for ``on_failed``) is not needed
