@@ -161,8 +161,12 @@ def _one(guest_port: int, sink: socket.socket, total: int, upload: bool) -> tupl
     return dt, got
 
 
-def in_process(count: int) -> float:
+def in_process(count: int, streams: int = 1) -> float:
     """``count`` round trips of 100 bytes through an inner and a root link in *this* process.
+
+    ``streams`` guests take turns at them, each with one request in flight
+    (1: every reactor turn handles one request; more: a turn handles several,
+    as under wrk's 32 connections in the mesh's (c)).
 
     Guest, service and both links share one reactor and real sockets (loopback
     TCP, a UNIX socket pair), so ``valgrind --tool=callgrind`` can count the
@@ -187,8 +191,10 @@ def in_process(count: int) -> float:
         def dataReceived(self, data: bytes) -> None:
             self.transport.write(msg)  # type: ignore[union-attr]
 
+    running = [streams]
+
     class Guest(Protocol):
-        left = count
+        left = max(1, count // streams)
 
         def connectionMade(self) -> None:
             self.transport.write(msg)  # type: ignore[union-attr]
@@ -197,7 +203,9 @@ def in_process(count: int) -> float:
             self.left -= 1
             if self.left:
                 self.transport.write(msg)  # type: ignore[union-attr]
-            else:
+                return
+            running[0] -= 1
+            if not running[0]:
                 r.stop()
 
     class One(ClientFactory):
@@ -214,7 +222,8 @@ def in_process(count: int) -> float:
         adopt_with(r)(s.fileno(), link)
         s.close()
     guests = r.listenTCP(0, inner.guest_factory(SERVICE_PORT), interface="127.0.0.1")
-    r.connectTCP("127.0.0.1", guests.getHost().port, One())
+    for _ in range(streams):
+        r.connectTCP("127.0.0.1", guests.getHost().port, One())
     t0, c0 = time.perf_counter(), time.process_time()
     r.run()
     print(f"CPU {time.process_time() - c0:.2f} s")
@@ -239,9 +248,16 @@ def main() -> int:
         metavar="N",
         help="only N round trips with everything in this process (for callgrind)",
     )
+    ap.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --in-process: K guests, one request in flight each",
+    )
     args = ap.parse_args()
     if args.in_process:
-        dt = in_process(args.in_process)
+        dt = in_process(args.in_process, max(1, args.streams))
         print(f"{args.in_process} round trips in one process: {dt:.2f} s")
         return 0
     total = args.megabytes * 1_000_000

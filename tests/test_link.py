@@ -20,6 +20,7 @@ from tproxy.link import EARLY_DATA_MAX, InnerLink, RootLink
 from tproxy.model import Destination
 from tproxy.protocol import frames as fr
 from tproxy.protocol.frames import Reason
+from tproxy.turn_end import TurnEnd
 
 DEST = Destination("10.11.12.13", 5030)
 
@@ -680,51 +681,77 @@ class FlowControlTests(unittest.TestCase):
         self.assertTrue(g.reading)
 
 
+def _link_writes(t: FakeTransport) -> list[list[bytes]]:
+    """The chunks of each ``writeSequence`` on ``t`` from now on (one list per write)."""
+    writes: list[list[bytes]] = []
+    write_sequence = t.writeSequence
+    t.writeSequence = lambda chunks: (  # type: ignore[method-assign]
+        writes.append(list(chunks)),
+        write_sequence(chunks),
+    )
+    return writes
+
+
 class FlushSoonTests(unittest.TestCase):
-    """On a real reactor OPEN, OPEN_RESULT and HALF_CLOSE wait for the end of the turn."""
+    """On a real reactor the frames of one iteration wait for its end (``tproxy.turn_end``)."""
 
     def test_opens_of_one_turn_leave_in_one_write(self) -> None:
         """Two guests accepted in one turn: their OPENs go out together when the turn ends."""
         h = Harness()
-        h.inner._batch_flush = True
-        writes: list[list[bytes]] = []
-        write_sequence = h.it.writeSequence
-        h.it.writeSequence = lambda chunks: (  # type: ignore[method-assign]
-            writes.append(list(chunks)),
-            write_sequence(chunks),
-        )
+        h.inner._turn_end = te = TurnEnd()
+        writes = _link_writes(h.it)
         h.drain_unix = False
         h.guest(gport=41000)
         h.guest(gport=41001)
         self.assertEqual(writes, [])
-        h.reactor.advance(0)
+        te.run()
         self.assertEqual(len(writes), 1)
         self.assertEqual([c[0] for c in writes[0]], [fr.FrameType.OPEN] * 2)
         h.drain_unix = True
         h.pump()
         self.assertEqual(len(h.reactor.tcpClients), 2)
 
-    def test_data_takes_pending_frames_along(self) -> None:
-        """A DATA flush before the turn ends carries the OPEN_RESULT queued before it, in order."""
+    def test_requests_of_one_turn_leave_in_one_write(self) -> None:
+        """Two guests' requests read in one iteration: one write on the link when it ends,
+        and the root hands each to its service."""
         h = Harness()
-        h.root._batch_flush = True
+        g1, g2 = h.guest(gport=41000), h.guest(gport=41001)
+        s1, s2 = h.service(0), h.service(1)
+        h.inner._turn_end = te = TurnEnd()
+        writes = _link_writes(h.it)
+        g1.protocol.dataReceived(b"GET /a")
+        g2.protocol.dataReceived(b"GET /b")
+        self.assertEqual(writes, [])
+        te.run()
+        self.assertEqual(len(writes), 1)
+        h.pump()
+        self.assertEqual((s1.take(), s2.take()), (b"GET /a", b"GET /b"))
+
+    def test_data_leaves_behind_pending_frames(self) -> None:
+        """A service's answer read in the iteration that connected it leaves with the
+        OPEN_RESULT queued before it, behind it, in one write."""
+        h = Harness()
+        h.root._turn_end = te = TurnEnd()
         g = h.guest()
         s = h.service()
         self.assertFalse(g.reading)  # its OPEN_RESULT waits for the end of the turn
         s.protocol.dataReceived(b"hello")
         h.pump()
+        self.assertEqual(h.inner.counters.accepted, 0)
+        self.assertEqual(te.pending, 1)
+        te.run()
+        h.pump()
         self.assertEqual(h.inner.counters.accepted, 1)
         self.assertEqual(g.take(), b"hello")
         self.assertTrue(g.reading)
-        h.reactor.advance(0)  # the turn's own flush finds nothing more to send
-        h.pump()
-        self.assertEqual(h.inner.counters.accepted, 1)
+        te.run()  # nothing more is due
+        self.assertEqual(te.pending, 0)
 
     def test_no_timer_inside_a_link_read(self) -> None:
         """A stream connected while a link read is handled: its OPEN_RESULT leaves with
         that read's own flush, and no end-of-turn timer is set for it."""
         h = Harness()
-        h.root._batch_flush = True
+        h.root._turn_end = te = TurnEnd()
         opened = h.root._open
 
         def open_connected_at_once(event: Any) -> None:
@@ -737,15 +764,16 @@ class FlushSoonTests(unittest.TestCase):
             proto.makeConnection(t)
 
         h.root._open = open_connected_at_once  # type: ignore[method-assign]
-        timers = len(h.reactor.getDelayedCalls())
         g = h.guest()
-        self.assertIsNone(h.root._flush_call)
-        self.assertEqual(len(h.reactor.getDelayedCalls()), timers)
+        self.assertEqual(te.pending, 0)
+        self.assertFalse(h.root._flush_due)
         self.assertEqual(h.inner.counters.accepted, 1)
         self.assertTrue(g.reading)
         self.assertFalse(h.root._in_read)
-        h.root.flush_soon()  # outside a read: the end-of-turn timer, as before
-        self.assertIsNotNone(h.root._flush_call)
+        h.root.flush_soon()  # outside a read: at the end of the iteration, once
+        h.root.flush_soon()
+        self.assertEqual(te.pending, 1)
+        self.assertTrue(h.root._flush_due)
 
 
 class LinkLifeTests(unittest.TestCase):

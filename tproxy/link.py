@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tproxy import logs
+from tproxy import logs, turn_end
 from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tcp
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
@@ -66,6 +66,7 @@ from tproxy.protocol.connection import (
     Role,
 )
 from tproxy.protocol.frames import DEFAULT_WINDOW, Chunk, Reason
+from tproxy.turn_end import TurnEnd
 
 #: Seconds between PINGs on an idle or busy link.
 PING_INTERVAL = 10.0
@@ -432,7 +433,7 @@ class _StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._take(data):
-            self.link.flush()
+            self.link.flush_soon()
 
     def _take(self, data: bytes) -> bool:
         """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
@@ -762,13 +763,14 @@ class LinkProtocol(Protocol):
         self._ping_timeout = ping_timeout
         self._ping_call: IDelayedCall | None = None
         self._pong_deadline: IDelayedCall | None = None
-        self._flush_call: IDelayedCall | None = None
-        #: ``flush_soon`` waits for the end of the reactor turn (a real reactor only:
-        #: fake clocks in tests run nothing until advanced, so there it flushes now).
-        self._batch_flush = isinstance(reactor, PosixReactorBase)
+        #: Where ``flush_soon`` waits for the end of the reactor iteration (a real
+        #: reactor only: with the fake clocks of tests it flushes at once).
+        self._turn_end: TurnEnd | None = (
+            turn_end.hook(reactor) if isinstance(reactor, PosixReactorBase) else None
+        )
+        self._flush_due = False
         #: Inside ``dataReceived``'s frame loop, which ends with a flush: a
-        #: ``flush_soon`` there needs no timer (one ``callLater``, its
-        #: DelayedCall and a reactor timeout pass less per link read).
+        #: ``flush_soon`` there needs nothing more.
         self._in_read = False
         self._ping_ids = itertools.count(1)
 
@@ -959,22 +961,23 @@ class LinkProtocol(Protocol):
         return do_write
 
     def flush_soon(self) -> None:
-        """Write what the connection queued at the end of this reactor turn.
+        """Write what the connection queued at the end of this reactor iteration.
 
-        For the frames that open and end streams (OPEN, OPEN_RESULT,
-        HALF_CLOSE): those of all the streams one turn handles then leave in
-        one send, and the peer wakes up once for them (a flush of DATA before
-        then takes them along, in order).
+        The frames of all the streams one iteration handles (requests read
+        from guests, answers from services, OPEN, OPEN_RESULT, HALF_CLOSE)
+        then leave in one send, and the peer wakes up once for them; a
+        ``flush`` before then takes them along, in order (``tproxy.turn_end``).
         """
-        if not self._batch_flush:
+        if self._turn_end is None:
             self.flush()
         elif self._in_read:
-            pass  # dataReceived flushes once the read's frames are handled: no timer
-        elif self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self._flush_turn)
+            pass  # dataReceived flushes once the read's frames are handled
+        elif not self._flush_due:
+            self._flush_due = True
+            self._turn_end.call(self._flush_turn)
 
     def _flush_turn(self) -> None:
-        self._flush_call = None
+        self._flush_due = False
         self.flush()
 
     def dataReceived(self, data: bytes) -> None:
@@ -1081,7 +1084,7 @@ class LinkProtocol(Protocol):
         self._wq.clear()
         self._wq_len = 0
         self._close_pipe()
-        for call in (self._ping_call, self._pong_deadline, self._flush_call):
+        for call in (self._ping_call, self._pong_deadline):
             if call is not None and call.active():
                 call.cancel()
         streams = list(self._streams.values())
