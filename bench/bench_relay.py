@@ -185,6 +185,7 @@ def in_process(count: int, streams: int = 1) -> float:
     from tproxy.root import adopt_with
 
     r: Any = reactor
+    _as_daemon(r)  # the daemons' heap settings: no mmap per link read
     msg = b"r" * 100
 
     class Service(Protocol):

@@ -66,6 +66,9 @@ def _child(role: str, fd: int, port: int, service: int, log_dir: str) -> None:
     from tproxy import dispatch
 
     dispatch.install()  # as both daemons do
+    from tproxy import runtime
+
+    runtime.steady_heap(runtime._load_libc())  # as both daemons' MemoryReclaimer does
     log = DaemonLog(log_dir, f"bench_{role}", LogLevel.warn)
     begin_daemon_logging(log, redirect_stdio=False)
     link: Any
