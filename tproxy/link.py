@@ -686,7 +686,15 @@ class _StreamProtocol(Protocol):
                 self._write_done = True
                 self._maybe_finish()
                 return
-            t._closeWriteConnection()
+            # t._closeWriteConnection() less its IHalfCloseableProtocol(protocol)
+            # adaptation (a zope lookup whose failed __conform__ raises and clears
+            # an AttributeError, ~6k instructions): the protocol is us, and our
+            # writeConnectionLost only notes it (the read side is still open).
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # as Twisted's: the read side reports what is wrong
+            self._write_done = True
         else:
             t.loseWriteConnection()
 
