@@ -16,10 +16,12 @@ formats per connection); the stream's own resume (its producer's
 from __future__ import annotations
 
 import socket
+from errno import EWOULDBLOCK
 from typing import Any
 
-from twisted.internet import address, defer, tcp
+from twisted.internet import address, defer, main, tcp
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IListeningPort,
     IProtocol,
     IProtocolFactory,
@@ -52,6 +54,36 @@ class GuestServer(tcp.Server):
         self.sessionno = sessionno
         self.hostname = client[0]
         self.connected = 1
+
+    def doRead(self) -> Any:
+        """``tcp.Connection.doRead``; on EOF, the reactor's half-close step taken here.
+
+        Twisted's ``doRead`` returns ``CONNECTION_DONE`` on EOF, and the
+        reactor (``_disconnectSelectable``) stops reading and calls
+        ``tcp.Connection.readConnectionLost``, which adapts the protocol to
+        ``IHalfCloseableProtocol``: a zope adaptation whose failed
+        ``__conform__`` lookup raises and clears an AttributeError, once per
+        guest connection (its FIN). For a half-closeable protocol (the link's
+        streams) the same two steps run here with a plain ``providedBy``;
+        any other protocol gets Twisted's own path. An exception from
+        ``readConnectionLost`` reaches the reactor, which logs it and loses
+        the connection, as Twisted's would.
+        """
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as se:
+            if se.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if data:
+            self.protocol.dataReceived(data)
+            return None
+        protocol = self.protocol
+        if not IHalfCloseableProtocol.providedBy(protocol):
+            return main.CONNECTION_DONE
+        self.stopReading()
+        protocol.readConnectionLost()
+        return None
 
     def __repr__(self) -> str:
         name = type(self.protocol).__name__
