@@ -546,6 +546,30 @@ class CloseWriteTests(unittest.TestCase):
         self.assertEqual(states[1], (True, False, 1, False, False, True, True, None, True))
 
 
+class GuestRegistrationTests(unittest.TestCase):
+    """A ``GuestServer`` is registered for reading once, when its stream opens."""
+
+    def test_registered_once_at_the_open(self) -> None:
+        from tproxy.link_accept import GuestServer
+
+        h = Harness()
+        calls: list[str] = []
+        fake_reactor = MemoryReactorClock()
+        fake_reactor.addReader = lambda r: calls.append("add")  # type: ignore[method-assign]
+        fake_reactor.removeReader = lambda r: calls.append("remove")  # type: ignore[method-assign]
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        stream = h.inner.guest_factory(5030).buildProtocol(None)
+        t: Any = GuestServer(a, stream, ("169.254.3.4", 41000), None, 1, fake_reactor)  # type: ignore[arg-type]
+        stream.makeConnection(t)
+        h.pump()
+        self.assertEqual(calls, [], "no pause of a socket nobody reads")
+        h.service()
+        self.assertEqual(calls, ["add"])
+        self.assertTrue(stream._reading)
+
+
 class SpliceTests(unittest.TestCase):
     """Bytes, FINs and resets cross the link."""
 

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs
+from tproxy.link_accept import GuestServer
 from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tcp
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
@@ -1713,6 +1714,8 @@ class InnerLink(LinkProtocol):
             )
             s.transport.abortConnection()  # type: ignore[union-attr]
             return
+        if type(s.transport) is GuestServer:
+            s._reading = False  # never registered for reading yet: nothing to pause
         s.set_pause(_PAUSE_OPENING)
         if self._link_paused:
             s.set_pause(_PAUSE_LINK)
