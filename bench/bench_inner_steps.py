@@ -41,15 +41,28 @@ def main(n: int) -> None:
     epollreactor.install()
     from twisted.internet import reactor as _reactor
 
+    from tproxy import dispatch, logs
+    from tproxy.config import Limits
     from tproxy.link import InnerLink
     from tproxy.link_accept import GuestEndpoint
     from tproxy.protocol import events as ev
     from tproxy.protocol.connection import Connection, Role
     from tproxy.root import adopt_with
 
+    dispatch.install()  # as both daemons do
+    logs.debug_enabled = (
+        False  # the daemons' log at WARNING (bench_setup.py) builds no DEBUG events
+    )
     reactor: object = _reactor
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    link = InnerLink(reactor, lambda ports: None, ping_interval=None, stats_interval=None)  # type: ignore[arg-type]
+    link = InnerLink(
+        reactor,  # type: ignore[arg-type]
+        lambda ports: None,
+        Limits(),
+        bridge="bench",
+        ping_interval=None,
+        stats_interval=None,
+    )
     a.setblocking(False)
     adopt_with(reactor)(a.fileno(), link)
     a.close()
