@@ -7,17 +7,18 @@ pair in the test's reactor and compare what the protocol and the transport see.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
 from twisted.internet import main, reactor, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from tproxy.link_accept import GuestServer
+from tproxy.link_accept import GuestPort, GuestServer
 
 R: Any = reactor
 
@@ -102,3 +103,90 @@ class DoReadTests(unittest.TestCase):
         proto.makeConnection(t)
         self.assertIsNone(t.doRead())
         self.assertEqual(proto.seen, [])
+
+
+class _Factory(Factory):
+    """Records the addresses it is given; refuses (None) the connections numbered in ``refuse``."""
+
+    def __init__(self, refuse: tuple[int, ...] = ()) -> None:
+        self.refuse = refuse
+        self.addrs: list[Any] = []
+        self.protocols: list[_HalfCloseable] = []
+
+    def buildProtocol(self, addr: Any) -> _HalfCloseable | None:  # type: ignore[override]
+        self.addrs.append(addr)
+        if len(self.addrs) - 1 in self.refuse:
+            return None
+        p = _HalfCloseable()
+        self.protocols.append(p)
+        return p
+
+
+class PortDoReadTests(unittest.TestCase):
+    """``GuestPort.doRead`` accepts as Twisted's ``tcp.Port.doRead`` does."""
+
+    def accept(self, twisted: bool, clients: int, limit: int, refuse: tuple[int, ...] = ()) -> Any:
+        f = _Factory(refuse)
+        port = GuestPort(0, f, 50, "127.0.0.1", R)
+        port.startListening()
+        port.stopReading()  # this test calls doRead itself
+        self.addCleanup(port.stopListening)
+        cs = []
+        for _ in range(clients):
+            c = socket.create_connection(("127.0.0.1", port.getHost().port))
+            self.addCleanup(c.close)
+            cs.append(c)
+        port.numberAccepts = limit
+        (tcp.Port.doRead if twisted else GuestPort.doRead)(port)
+        for p in f.protocols:
+            self.addCleanup(p.transport.socket.close)  # type: ignore[union-attr]
+        names = [c.getsockname() for c in cs]
+        return (
+            [
+                (
+                    type(t),
+                    t.client in names,
+                    t.sessionno,
+                    t.hostname,
+                    t.server is port,
+                    t.connected,
+                    t in R.getReaders(),
+                    t.socket.family,
+                    t.socket.type,
+                    t.socket.proto,
+                    t.socket.gettimeout(),
+                    t.socket.getpeername() in names,
+                )
+                for t in (p.transport for p in f.protocols)
+            ],
+            [(type(a), a.type, a.host, (a.host, a.port) in names) for a in f.addrs],
+            port.numberAccepts,
+            port.sessionno,
+        )
+
+    def test_same_as_twisted(self) -> None:
+        """Transports, addresses, sessions and the accept limit's scaling: as Twisted's."""
+        for clients, limit, refuse in ((1, 1, ()), (1, 5, ()), (3, 2, ()), (3, 5, (1,))):
+            lean = self.accept(False, clients, limit, refuse)
+            self.assertEqual(lean, self.accept(True, clients, limit, refuse))
+            self.assertEqual(len(lean[1]), min(clients, limit))
+            self.assertEqual(len(lean[0]), min(clients, limit) - len(refuse))
+            self.assertEqual(lean[0][0][0], GuestServer)
+            self.assertEqual(
+                lean[0][0][-6:], (False, socket.AF_INET, socket.SOCK_STREAM, 0, 0.0, True)
+            )
+
+    def test_accept_error_goes_to_twisted(self) -> None:
+        """An accept error other than EAGAIN: Twisted's ``doRead`` handles it (EMFILE...)."""
+        port = GuestPort(0, _Factory(), 50, "127.0.0.1", R)
+        calls: list[Any] = []
+
+        class _Failing:
+            def _accept(self) -> Any:
+                raise OSError(errno.ECONNABORTED, "aborted")
+
+        port.socket = _Failing()  # type: ignore[assignment]
+        port.numberAccepts = 3
+        self.patch(tcp.Port, "doRead", lambda self: calls.append(self))
+        port.doRead()
+        self.assertEqual(calls, [port])

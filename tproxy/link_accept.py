@@ -27,6 +27,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
+from twisted.python import log
 from zope.interface import implementer
 
 
@@ -94,6 +95,47 @@ class GuestPort(tcp.Port):
     """A listening TCP port whose connections are ``GuestServer``s."""
 
     transport = GuestServer
+
+    def doRead(self) -> None:
+        """``tcp.Port.doRead`` for IPv4, less its generic steps; accept errors go to Twisted's.
+
+        The same accepts, ``numberAccepts`` scaling, transports and
+        ``buildProtocol`` addresses, without what Twisted's adds per call or
+        per connection: a buffering ``Logger`` context (two more ``Logger``
+        objects via the ``_logger`` descriptor), the ``_accept`` generator and
+        ``enumerate``, and ``socket.accept``'s Python wrapper (which looks up
+        the listening socket's family and type as enums). An accept error
+        other than EAGAIN (EMFILE and its recovery, ECONNABORTED, EPERM ...)
+        hands over to ``tcp.Port.doRead``, which retries the accept and
+        handles it as always.
+        """
+        if self.addressFamily != socket.AF_INET:
+            return tcp.Port.doRead(self)  # type: ignore[no-any-return]
+        try:
+            accept = self.socket._accept  # type: ignore[union-attr]
+            limit = self.numberAccepts
+            accepted = 0
+            while accepted < limit:
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    return tcp.Port.doRead(self)  # type: ignore[no-any-return]
+                accepted += 1
+                skt = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+                protocol = self.factory.buildProtocol(self._buildAddr(addr))  # type: ignore[union-attr]
+                if protocol is None:
+                    skt.close()
+                    continue
+                s = self.sessionno
+                self.sessionno = s + 1
+                transport = self.transport(skt, protocol, addr, self, s, self.reactor)
+                protocol.makeConnection(transport)
+            self.numberAccepts = limit + 20 if accepted == limit else max(1, accepted)
+        except BaseException:
+            log.deferr()  # as Twisted's
+        return None
 
 
 @implementer(IStreamServerEndpoint)
