@@ -546,41 +546,6 @@ class CloseWriteTests(unittest.TestCase):
         self.assertEqual(states[1], (True, False, 1, False, False, True, True, None, True))
 
 
-class LinkReadTests(unittest.TestCase):
-    """A link read takes ``LINK_READ_SMALL`` after a short read, ``LINK_HIGH_WATER`` after a
-    full one."""
-
-    def test_read_size_follows_the_traffic(self) -> None:
-        link = InnerLink(
-            MemoryReactorClock(), lambda p: None, ping_interval=None, stats_interval=None
-        )
-        got: list[int] = []
-
-        class _Transport:
-            def _dataReceived(self, data: bytes) -> None:
-                got.append(len(data))
-
-        small, big = link_module.LINK_READ_SMALL, link_module.LINK_HIGH_WATER
-        sizes = [10, small, big, small + 1, 5, 7]
-        sock = _ScriptedSocket(*(b"x" * n for n in sizes))
-        link._sock = sock
-        link.transport = _Transport()  # type: ignore[assignment]
-        for _ in sizes:
-            self.assertIsNone(link._read_link())
-        self.assertEqual(got, sizes)
-        self.assertEqual(sock.asked, [small, small, big, big, big, small])
-
-    def test_nothing_or_error(self) -> None:
-        """EAGAIN: nothing; another error: the link is lost, as Twisted's ``doRead`` says."""
-        link = InnerLink(
-            MemoryReactorClock(), lambda p: None, ping_interval=None, stats_interval=None
-        )
-        link._sock = _ScriptedSocket()
-        self.assertIsNone(link._read_link())
-        link._sock = _ScriptedSocket(ConnectionResetError())
-        self.assertIs(link._read_link(), main.CONNECTION_LOST)
-
-
 class GuestRegistrationTests(unittest.TestCase):
     """A ``GuestServer`` is registered for reading once, when its stream opens."""
 

@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import struct
+import types
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -210,10 +211,8 @@ def _unsent(chunks: list[Chunk], n: int) -> list[Chunk]:
 
 #: Bytes the UNIX transport may buffer before the link's TCP sockets are paused
 #: (Twisted's default ``bufferSize`` of 64 KiB paused them after every DATA
-#: frame); also the most one read from the UNIX socket takes.
+#: frame); also the size of each read from the UNIX socket.
 LINK_HIGH_WATER = 1 << 20
-#: The size of a link read after a short one (``LinkProtocol._read_link``).
-LINK_READ_SMALL = 1 << 16
 
 _splice = getattr(os, "splice", None)  # Python 3.10+, Linux
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -757,7 +756,6 @@ class LinkProtocol(Protocol):
         self._link_paused = False
         self._resume_turn = 0
         self._sock: Any = None
-        self._read_size = LINK_READ_SMALL  # see _read_link
         # The link's own write queue (real sockets only; see ``flush``).
         self._wq: deque[Chunk] = deque()
         self._wq_len = 0
@@ -801,40 +799,13 @@ class LinkProtocol(Protocol):
             t.bufferSize = LINK_HIGH_WATER
             # The link carries no file descriptors: a plain recv() instead of the
             # UNIX transport's recvmsg() (ancillary buffer, a tuple per read).
-            t.doRead = self._read_link  # type: ignore[method-assign]
+            t.doRead = types.MethodType(tcp.Connection.doRead, t)  # type: ignore[method-assign]
             t.doWrite = self._make_do_write(t.doWrite)  # type: ignore[method-assign]
         self._sock = _socket_of(t)
         t.registerProducer(_FanIn(self), True)  # type: ignore[union-attr]
         self.flush()
         if self._ping_interval is not None:
             self._ping_call = self.reactor.callLater(self._ping_interval, self._ping)
-
-    def _read_link(self) -> Any:
-        """The link transport's ``doRead``: Twisted's, its read size following the traffic.
-
-        The link carries no file descriptors: a plain ``recv`` instead of the
-        UNIX transport's ``recvmsg`` (ancillary buffer, a tuple per read). A
-        ``recv`` of ``LINK_HIGH_WATER`` (1 MiB) has malloc map a fresh buffer
-        (``mmap``), shrink it to the bytes read (``mremap``) and unmap it
-        (``munmap``) on every read: three system calls per link read of a few
-        hundred bytes (strace of the inner in ``bench_setup.py``). A read
-        takes ``LINK_READ_SMALL`` (from the heap) after a short read, and
-        ``LINK_HIGH_WATER`` after one that filled its buffer, so bulk
-        transfers still read up to 1 MiB at a time.
-        """
-        size = self._read_size
-        try:
-            data = self._sock.recv(size)
-        except BlockingIOError:  # EWOULDBLOCK
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        n = len(data)
-        if n == size:
-            self._read_size = LINK_HIGH_WATER
-        elif n < LINK_READ_SMALL:
-            self._read_size = LINK_READ_SMALL
-        return self.transport._dataReceived(data)  # type: ignore[union-attr]
 
     def flush(self) -> None:
         """Write what the connection queued.
