@@ -66,6 +66,11 @@ def _child(role: str, fd: int, port: int, service: int, log_dir: str) -> None:
     from tproxy import dispatch
 
     dispatch.install()  # as both daemons do
+    from tproxy import runtime
+
+    # The daemons' heap settings (MemoryReclaimer.start): without them every
+    # 1 MiB link read is an mmap + mremap + munmap that the daemons never make.
+    runtime.steady_heap(runtime._load_libc())
     log = DaemonLog(log_dir, f"bench_{role}", LogLevel.warn)
     begin_daemon_logging(log, redirect_stdio=False)
     link: Any
