@@ -9,6 +9,15 @@ that first registration (and the log prefix and repr strings ``tcp.Server``
 formats per connection); the stream's own resume (its producer's
 ``resumeProducing``) starts reading when the stream opens.
 
+Both also take a few generic steps out of each guest connection's path
+(issue 7 (b); docs/performance.md, "Less Python per connection in the
+inner"): ``GuestPort.doRead`` accepts without ``tcp.Port.doRead``'s per-call
+logging context, generator and ``socket.accept`` wrapper, and
+``GuestServer.doRead`` takes the guest's EOF itself instead of the reactor's
+half-close path with its zope adaptation. Anything unusual (an accept error,
+an IPv6 port, a protocol that cannot half-close) goes to Twisted's own code;
+tests/test_link_accept.py compares the end states with Twisted's.
+
 ``GuestEndpoint`` is ``TCP4ServerEndpoint`` with ``GuestPort`` for
 ``tcp.Port``; nothing else differs (backlog, interface, errors).
 """
