@@ -1,11 +1,11 @@
 """What one new guest connection costs the proxies (issue 7 (b)), not a test; prints Markdown.
 
 A real root link and a real inner link, each in its own process with its own
-epoll reactor and a ``DaemonLog`` at WARNING (``:tproxy_debug_level: 1``, as
-``bench_mesh.py`` runs the mesh), joined by a UNIX socket pair; the inner
-listens on 127.0.0.1, the root connects every stream to a small service on
-127.0.0.1 in this process. Client threads here open ``--conns`` guest
-connections, each one 100-byte request and 100-byte response, the service
+epoll reactor, a ``DaemonLog`` at WARNING (``:tproxy_debug_level: 1``, as
+``bench_mesh.py`` runs the mesh) and the daemons' heap settings, joined by a
+UNIX socket pair; the inner listens on 127.0.0.1, the root connects every
+stream to a small service on 127.0.0.1 in this process. Client threads here
+open ``--conns`` guest connections, each one 100-byte request and 100-byte response, the service
 closing first (HTTP with ``Connection: close``, as wrk against nginx in (b)).
 
 Reported per connection, for each proxy: CPU (user + system, from
@@ -68,7 +68,9 @@ def _child(role: str, fd: int, port: int, service: int, log_dir: str) -> None:
     dispatch.install()  # as both daemons do
     from tproxy import runtime
 
-    runtime.steady_heap(runtime._load_libc())  # as both daemons' MemoryReclaimer does
+    # The daemons' heap settings (MemoryReclaimer.start): without them every
+    # 1 MiB link read is an mmap + mremap + munmap that the daemons never make.
+    runtime.steady_heap(runtime._load_libc())
     log = DaemonLog(log_dir, f"bench_{role}", LogLevel.warn)
     begin_daemon_logging(log, redirect_stdio=False)
     link: Any

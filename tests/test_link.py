@@ -486,6 +486,91 @@ class ConnectionDoneTests(unittest.TestCase):
         self.assertNotIn(tcp.Client.connectionLost, link_module._PLAIN_CONNECTION_LOST)
 
 
+def _real_stream(h: Harness, role: str = "inner") -> tuple[Any, Any, socket.socket, socket.socket]:
+    """A stream of ``h``'s link whose TCP side is a real ``tcp.Server`` on a socket pair.
+
+    Returns (stream, transport, its socket, the peer's socket); the transport's
+    reactor is a ``MemoryReactorClock`` (its ``_reads``/``_writes`` say what is watched).
+    """
+    from twisted.internet import tcp
+
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    link = h.inner if role == "inner" else h.root
+    stream = link_module._StreamProtocol(link, 5030)
+    t: Any = tcp.Server(a, stream, ("169.254.3.4", 41000), None, 1, MemoryReactorClock())
+    stream.makeConnection(t)
+    return stream, t, a, b
+
+
+class CloseWriteTests(unittest.TestCase):
+    """``close_write`` shuts the write side down as Twisted's ``_closeWriteConnection`` does."""
+
+    def close_write(self, lean: bool) -> tuple[Any, Any, socket.socket, socket.socket]:
+        h = Harness()
+        stream, t, a, b = _real_stream(h)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        if lean:
+            stream.close_write()
+        else:  # what close_write did before: Twisted's own step, with its adaptation
+            t.unregisterProducer()
+            stream._write_closing = True
+            t._writeDisconnecting = True
+            t._writeDisconnected = True
+            t._closeWriteConnection()
+        return stream, t, a, b
+
+    def test_same_end_state_as_twisted(self) -> None:
+        """FIN sent, socket still open for reading, ``writeConnectionLost`` noted, no close."""
+        states = []
+        for lean in (False, True):
+            stream, t, a, b = self.close_write(lean)
+            self.assertEqual(b.recv(10), b"", "the peer reads our FIN")
+            a.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                a.recv(10)  # still open for reading
+            states.append(
+                (
+                    stream._write_done,
+                    stream._read_eof,
+                    t.connected,
+                    t.disconnected,
+                    t.disconnecting,
+                    t._writeDisconnecting,
+                    t._writeDisconnected,
+                    t.producer,
+                    a.fileno() >= 0,
+                )
+            )
+        self.assertEqual(states[0], states[1])
+        self.assertEqual(states[1], (True, False, 1, False, False, True, True, None, True))
+
+
+class GuestRegistrationTests(unittest.TestCase):
+    """A ``GuestServer`` is registered for reading once, when its stream opens."""
+
+    def test_registered_once_at_the_open(self) -> None:
+        from tproxy.link_accept import GuestServer
+
+        h = Harness()
+        calls: list[str] = []
+        fake_reactor = MemoryReactorClock()
+        fake_reactor.addReader = lambda r: calls.append("add")  # type: ignore[method-assign]
+        fake_reactor.removeReader = lambda r: calls.append("remove")  # type: ignore[method-assign]
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        stream = h.inner.guest_factory(5030).buildProtocol(None)
+        t: Any = GuestServer(a, stream, ("169.254.3.4", 41000), None, 1, fake_reactor)  # type: ignore[arg-type]
+        stream.makeConnection(t)
+        h.pump()
+        self.assertEqual(calls, [], "no pause of a socket nobody reads")
+        h.service()
+        self.assertEqual(calls, ["add"])
+        self.assertTrue(stream._reading)
+
+
 class SpliceTests(unittest.TestCase):
     """Bytes, FINs and resets cross the link."""
 

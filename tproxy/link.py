@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tproxy import logs, turn_end
+from tproxy.link_accept import GuestServer
 from tproxy.link_connect import ConnectDeadlines, OutgoingConnection, connect_tcp
 from tproxy.metrics import BridgeStats, Cell, PortStats
 from tproxy.model import Destination
@@ -687,7 +688,15 @@ class _StreamProtocol(Protocol):
                 self._write_done = True
                 self._maybe_finish()
                 return
-            t._closeWriteConnection()
+            # t._closeWriteConnection() less its IHalfCloseableProtocol(protocol)
+            # adaptation (a zope lookup whose failed __conform__ raises and clears
+            # an AttributeError, ~6k instructions): the protocol is us, and our
+            # writeConnectionLost only notes it (the read side is still open).
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # as Twisted's: the read side reports what is wrong
+            self._write_done = True
         else:
             t.loseWriteConnection()
 
@@ -1708,6 +1717,8 @@ class InnerLink(LinkProtocol):
             )
             s.transport.abortConnection()  # type: ignore[union-attr]
             return
+        if type(s.transport) is GuestServer:
+            s._reading = False  # never registered for reading yet: nothing to pause
         s.set_pause(_PAUSE_OPENING)
         if self._link_paused:
             s.set_pause(_PAUSE_LINK)
