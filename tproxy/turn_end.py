@@ -48,11 +48,16 @@ class TurnEnd:
         """Run what is due, and what those calls ask for; an error is logged, not raised."""
         while self._due:
             due, self._due = self._due, []
-            for f in due:
+            for i, f in enumerate(due):
                 try:
                     f()
                 except Exception:
                     _log.failure("a call at the end of a reactor iteration failed")
+                except BaseException:
+                    # It propagates, but what was due behind it stays due (a lost
+                    # call would leave its caller's "already due" flag set for good).
+                    self._due[:0] = due[i + 1 :]
+                    raise
 
     def wrap(self, do_iteration: Callable[[Any], object]) -> Callable[[Any], None]:
         """``do_iteration`` with what is due run before its poll and after its events."""
