@@ -59,12 +59,25 @@ class TurnEnd:
                     self._due[:0] = due[i + 1 :]
                     raise
 
-    def wrap(self, do_iteration: Callable[[Any], object]) -> Callable[[Any], None]:
-        """``do_iteration`` with what is due run before its poll and after its events."""
+    def wrap(
+        self,
+        do_iteration: Callable[[Any], object],
+        next_timeout: Callable[[], float | None] | None = None,
+    ) -> Callable[[Any], None]:
+        """``do_iteration`` with what is due run before its poll and after its events.
+
+        ``next_timeout`` (the reactor's ``timeout``): the poll's timeout was
+        computed before the calls run before the poll; a timer they set (a
+        ``callLater(0)``) shortens it, instead of waiting for the old one.
+        """
 
         def iteration(timeout: Any) -> None:
             if self._due:
                 self.run()
+                if next_timeout is not None and timeout != 0:
+                    t = next_timeout()
+                    if t is not None and (timeout is None or t < timeout):
+                        timeout = t
             do_iteration(timeout)
             if self._due:
                 self.run()
@@ -87,6 +100,6 @@ def hook(reactor: Any) -> TurnEnd | None:
     if do_iteration is None:
         return None
     te = TurnEnd()
-    reactor.doIteration = te.wrap(do_iteration)
+    reactor.doIteration = te.wrap(do_iteration, getattr(reactor, "timeout", None))
     _hooks[reactor] = te
     return te
