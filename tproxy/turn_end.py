@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.base import ReactorBase
 from twisted.logger import Logger
 
 _log = Logger(namespace="tproxy.turn_end")
@@ -91,13 +92,20 @@ _hooks: weakref.WeakKeyDictionary[Any, TurnEnd] = weakref.WeakKeyDictionary()
 def hook(reactor: Any) -> TurnEnd | None:
     """``reactor``'s ``TurnEnd``, wrapped around its ``doIteration`` on first use.
 
-    None when the reactor has no ``doIteration`` to wrap (``Clock``).
+    None when the reactor has no ``doIteration`` to wrap (``Clock``), or its
+    loop does not call it (the asyncio and GLib reactors run their own).
     """
     te = _hooks.get(reactor)
     if te is not None:
         return te
     do_iteration = getattr(reactor, "doIteration", None)
     if do_iteration is None:
+        return None
+    if isinstance(reactor, ReactorBase) and (
+        type(reactor).run is not ReactorBase.run
+        or type(reactor).mainLoop is not ReactorBase.mainLoop
+    ):
+        # Its loop is not mainLoop (asyncio, GLib): doIteration is never called.
         return None
     te = TurnEnd()
     reactor.doIteration = te.wrap(do_iteration, getattr(reactor, "timeout", None))
