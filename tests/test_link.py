@@ -1167,3 +1167,27 @@ class ReviewBackpressureTests(unittest.TestCase):
         self.assertLessEqual(read, link_module.LINK_HIGH_WATER + link_module.STREAM_BUFFER)
         te.run()
         self.assertFalse(any(g.reading for g in guests))
+
+
+class ReviewGoAwayTests(unittest.TestCase):
+    """Review finding (session 5): frames queued for the end of the iteration and a closing link."""
+
+    def test_last_fin_before_a_go_away_close(self) -> None:
+        """After a go-away the last stream's HALF_CLOSE (queued for the end of the
+        iteration) leaves before the link closes: the link's own write event in the
+        same iteration (its write queue drained) must not close it first."""
+        h = Harness()
+        g, s = h.stream()
+        h.inner.go_away()
+        h.pump()
+        s.peer_eof()  # the service's FIN reaches the guest
+        h.pump()
+        h.inner._turn_end = te = TurnEnd()
+        g.peer_eof()  # the guest's FIN: its HALF_CLOSE waits for the end of the iteration
+        g.deliver_loss()  # both FINs through: the guest's connection closes
+        self.assertTrue(h.it.disconnecting)  # the last stream is gone: the link closes
+        h.it.deliver_loss()  # the link's write event in the same iteration: closed
+        te.run()
+        h.pump()
+        self.assertTrue(s.write_closed, "the service got the guest's FIN")
+        self.assertFalse(s.aborted)
