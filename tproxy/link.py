@@ -1238,6 +1238,9 @@ class LinkProtocol(Protocol):
         """
         t = self.transport
         if t is not None:
+            # What waits for the end of the iteration (``flush_soon``: the last
+            # stream's HALF_CLOSE) goes first: the transport may close before then.
+            self.flush()
             t.unregisterProducer()  # type: ignore[attr-defined]
             t.loseConnection()
 
