@@ -1141,3 +1141,53 @@ class RandomSpliceTests(unittest.TestCase):
         self.assertEqual((h.root.stream_count, h.inner.stream_count), (0, 0))
         self.assertEqual((h.root.conn.stream_count, h.inner.conn.stream_count), (0, 0))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ReviewBackpressureTests(unittest.TestCase):
+    """Review finding (session 5): ``LINK_HIGH_WATER`` within one reactor iteration."""
+
+    def test_full_link_pauses_guests_within_the_iteration(self) -> None:
+        """Many guests readable in one epoll batch, the link's UNIX buffer full: the reads
+        of one iteration stay bounded near ``LINK_HIGH_WATER``, as with an immediate flush
+        (the reactor skips the batch's sockets paused meanwhile), instead of every
+        readable guest adding a full read to the link's connection queue."""
+        h = Harness()
+        guests = []
+        for i in range(16):
+            guests.append(h.guest(gport=41000 + i))
+            h.service()
+        h.inner._turn_end = te = TurnEnd()
+        h.drain_unix = False
+        h.it.set_limit(0)
+        read = 0
+        for g in guests:  # one iteration's events: a paused socket is not read
+            if g.reading:
+                g.protocol.dataReceived(b"x" * link_module.STREAM_BUFFER)
+                read += link_module.STREAM_BUFFER
+        self.assertLessEqual(read, link_module.LINK_HIGH_WATER + link_module.STREAM_BUFFER)
+        te.run()
+        self.assertFalse(any(g.reading for g in guests))
+
+
+class ReviewGoAwayTests(unittest.TestCase):
+    """Review finding (session 5): frames queued for the end of the iteration and a closing link."""
+
+    def test_last_fin_before_a_go_away_close(self) -> None:
+        """After a go-away the last stream's HALF_CLOSE (queued for the end of the
+        iteration) leaves before the link closes: the link's own write event in the
+        same iteration (its write queue drained) must not close it first."""
+        h = Harness()
+        g, s = h.stream()
+        h.inner.go_away()
+        h.pump()
+        s.peer_eof()  # the service's FIN reaches the guest
+        h.pump()
+        h.inner._turn_end = te = TurnEnd()
+        g.peer_eof()  # the guest's FIN: its HALF_CLOSE waits for the end of the iteration
+        g.deliver_loss()  # both FINs through: the guest's connection closes
+        self.assertTrue(h.it.disconnecting)  # the last stream is gone: the link closes
+        h.it.deliver_loss()  # the link's write event in the same iteration: closed
+        te.run()
+        h.pump()
+        self.assertTrue(s.write_closed, "the service got the guest's FIN")
+        self.assertFalse(s.aborted)

@@ -122,3 +122,63 @@ class RealReactorTests(unittest.TestCase):
         a.send(b"x")
         done.addCallback(lambda _: self.assertEqual(seen, ["end of iteration", "timer"]))
         return done
+
+
+class ReviewTests(unittest.TestCase):
+    """Review findings (session 5): due calls that are lost or wait too long."""
+
+    def test_base_exception_keeps_the_rest_due(self) -> None:
+        """A BaseException from a due call propagates, but the calls behind it stay due
+        (a dropped ``LinkProtocol._flush_turn`` would leave ``_flush_due`` set for good:
+        that link's ``flush_soon`` would never flush again)."""
+        te = TurnEnd()
+        seen: list[str] = []
+
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        te.call(interrupted)
+        te.call(lambda: seen.append("behind"))
+        with self.assertRaises(KeyboardInterrupt):
+            te.run()
+        te.run()
+        self.assertEqual(seen, ["behind"])
+
+    def test_call_later_zero_from_a_pre_poll_call_is_not_delayed(self) -> None:
+        """A due call queued by a timer runs before the poll; a ``callLater(0)`` it makes
+        (``abortConnection`` after a failed link send does) must not wait for the poll's
+        timeout, which was computed before it existed."""
+        te = turn_end.hook(global_reactor)
+        if te is None:
+            raise unittest.SkipTest("this reactor has no doIteration")
+        done: Deferred[float] = Deferred()
+        start = global_reactor.seconds()
+
+        def due() -> None:
+            global_reactor.callLater(0, lambda: done.callback(global_reactor.seconds() - start))
+
+        global_reactor.callLater(0, te.call, due)  # a timer queues it: outside an iteration
+        fallback = global_reactor.callLater(2.0, lambda: None)  # the poll's timeout
+        self.addCleanup(lambda: fallback.cancel() if fallback.active() else None)
+        done.addCallback(lambda elapsed: self.assertLess(elapsed, 1.0))
+        return done
+
+    def test_asyncio_reactor_runs_due_calls(self) -> None:
+        """A ``PosixReactorBase`` whose loop never calls ``doIteration`` (asyncio, the GLib
+        reactors: ``twistd --reactor=asyncio one-tproxy``) must not get a hook whose
+        calls never run."""
+        import asyncio
+
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        r = AsyncioSelectorReactor(loop)
+        te = turn_end.hook(r)
+        if te is None:
+            return  # callers act at once: fine
+        seen: list[str] = []
+        r.callLater(0, te.call, lambda: seen.append("due"))
+        r.callLater(0.2, r.stop)
+        r.run(installSignalHandlers=False)
+        self.assertEqual(seen, ["due"])

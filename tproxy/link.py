@@ -434,7 +434,14 @@ class _StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._take(data):
-            self.link.flush_soon()
+            link = self.link
+            link._unflushed += len(data)
+            if link._unflushed > LINK_HIGH_WATER:
+                # Flush now: over LINK_HIGH_WATER the link pauses its TCP sockets, and
+                # the reactor then skips the rest of this iteration's readers.
+                link.flush()
+            else:
+                link.flush_soon()
 
     def _take(self, data: bytes) -> bool:
         """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
@@ -778,6 +785,9 @@ class LinkProtocol(Protocol):
             turn_end.hook(reactor) if isinstance(reactor, PosixReactorBase) else None
         )
         self._flush_due = False
+        #: DATA bytes read from TCP sockets since the last ``flush`` (bounds what
+        #: one iteration queues before ``flush_soon``'s flush).
+        self._unflushed = 0
         #: Inside ``dataReceived``'s frame loop, which ends with a flush: a
         #: ``flush_soon`` there needs nothing more.
         self._in_read = False
@@ -821,6 +831,7 @@ class LinkProtocol(Protocol):
         it first. Beyond ``LINK_HIGH_WATER`` queued bytes the link's TCP
         sockets are paused, as Twisted's producer machinery would.
         """
+        self._unflushed = 0
         t = self.transport
         if t is None or self._lost:
             return
@@ -1227,6 +1238,9 @@ class LinkProtocol(Protocol):
         """
         t = self.transport
         if t is not None:
+            # What waits for the end of the iteration (``flush_soon``: the last
+            # stream's HALF_CLOSE) goes first: the transport may close before then.
+            self.flush()
             t.unregisterProducer()  # type: ignore[attr-defined]
             t.loseConnection()
 

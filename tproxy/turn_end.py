@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.base import ReactorBase
 from twisted.logger import Logger
 
 _log = Logger(namespace="tproxy.turn_end")
@@ -48,18 +49,36 @@ class TurnEnd:
         """Run what is due, and what those calls ask for; an error is logged, not raised."""
         while self._due:
             due, self._due = self._due, []
-            for f in due:
+            for i, f in enumerate(due):
                 try:
                     f()
                 except Exception:
                     _log.failure("a call at the end of a reactor iteration failed")
+                except BaseException:
+                    # It propagates, but what was due behind it stays due (a lost
+                    # call would leave its caller's "already due" flag set for good).
+                    self._due[:0] = due[i + 1 :]
+                    raise
 
-    def wrap(self, do_iteration: Callable[[Any], object]) -> Callable[[Any], None]:
-        """``do_iteration`` with what is due run before its poll and after its events."""
+    def wrap(
+        self,
+        do_iteration: Callable[[Any], object],
+        next_timeout: Callable[[], float | None] | None = None,
+    ) -> Callable[[Any], None]:
+        """``do_iteration`` with what is due run before its poll and after its events.
+
+        ``next_timeout`` (the reactor's ``timeout``): the poll's timeout was
+        computed before the calls run before the poll; a timer they set (a
+        ``callLater(0)``) shortens it, instead of waiting for the old one.
+        """
 
         def iteration(timeout: Any) -> None:
             if self._due:
                 self.run()
+                if next_timeout is not None and timeout != 0:
+                    t = next_timeout()
+                    if t is not None and (timeout is None or t < timeout):
+                        timeout = t
             do_iteration(timeout)
             if self._due:
                 self.run()
@@ -73,7 +92,8 @@ _hooks: weakref.WeakKeyDictionary[Any, TurnEnd] = weakref.WeakKeyDictionary()
 def hook(reactor: Any) -> TurnEnd | None:
     """``reactor``'s ``TurnEnd``, wrapped around its ``doIteration`` on first use.
 
-    None when the reactor has no ``doIteration`` to wrap (``Clock``).
+    None when the reactor has no ``doIteration`` to wrap (``Clock``), or its
+    loop does not call it (the asyncio and GLib reactors run their own).
     """
     te = _hooks.get(reactor)
     if te is not None:
@@ -81,7 +101,13 @@ def hook(reactor: Any) -> TurnEnd | None:
     do_iteration = getattr(reactor, "doIteration", None)
     if do_iteration is None:
         return None
+    if isinstance(reactor, ReactorBase) and (
+        type(reactor).run is not ReactorBase.run
+        or type(reactor).mainLoop is not ReactorBase.mainLoop
+    ):
+        # Its loop is not mainLoop (asyncio, GLib): doIteration is never called.
+        return None
     te = TurnEnd()
-    reactor.doIteration = te.wrap(do_iteration)
+    reactor.doIteration = te.wrap(do_iteration, getattr(reactor, "timeout", None))
     _hooks[reactor] = te
     return te
