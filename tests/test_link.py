@@ -274,6 +274,36 @@ class EarlyDataTests(unittest.TestCase):
         h.inner._send_early = send_early  # type: ignore[method-assign]
         return h.guest()
 
+    def test_no_early_read_while_the_link_is_paused(self) -> None:
+        """With the link's UNIX buffer full the guest's bytes stay in its socket: the
+        stream reads them once it opens."""
+        h = Harness()
+        h.inner._set_link_paused(True)
+        sock = _ScriptedSocket(b"GET / HTTP/1.1\r\n\r\n")
+        self.early_guest(h, sock)
+        self.assertEqual(sock.asked, [])
+        [root_stream] = h.root._streams.values()
+        self.assertIsNone(root_stream.held)
+
+    def test_early_reads_of_one_iteration_are_bounded(self) -> None:
+        """Accepts in one iteration, each with a full early read, the peer not reading:
+        past ``LINK_HIGH_WATER`` the link is flushed at once and pauses, and the next
+        accepts read nothing early (instead of ``EARLY_DATA_MAX`` per guest, unbounded)."""
+        h = Harness()
+        h.inner._turn_end = te = TurnEnd()
+        h.drain_unix = False
+        h.it.set_limit(0)
+        socks = []
+        for _ in range(40):
+            sock = _ScriptedSocket(b"x" * EARLY_DATA_MAX)
+            socks.append(sock)
+            self.early_guest(h, sock)
+        read = sum(len(sock.asked) for sock in socks) * EARLY_DATA_MAX
+        self.assertLessEqual(read, link_module.LINK_HIGH_WATER + EARLY_DATA_MAX)
+        self.assertTrue(h.inner._link_paused)
+        self.assertEqual(len(h.inner._streams), 40)  # every guest still got its stream
+        te.run()
+
     def test_early_data_reaches_the_service_first(self) -> None:
         """Early bytes are written to the service when its connect succeeds, before later ones."""
         h = Harness()
@@ -1143,8 +1173,8 @@ class RandomSpliceTests(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
-class ReviewBackpressureTests(unittest.TestCase):
-    """Review finding (session 5): ``LINK_HIGH_WATER`` within one reactor iteration."""
+class IterationHighWaterTests(unittest.TestCase):
+    """``LINK_HIGH_WATER`` bounds what one reactor iteration reads."""
 
     def test_full_link_pauses_guests_within_the_iteration(self) -> None:
         """Many guests readable in one epoll batch, the link's UNIX buffer full: the reads
@@ -1169,8 +1199,8 @@ class ReviewBackpressureTests(unittest.TestCase):
         self.assertFalse(any(g.reading for g in guests))
 
 
-class ReviewGoAwayTests(unittest.TestCase):
-    """Review finding (session 5): frames queued for the end of the iteration and a closing link."""
+class GoAwayFlushTests(unittest.TestCase):
+    """Frames queued for the end of the iteration leave before a closing link closes."""
 
     def test_last_fin_before_a_go_away_close(self) -> None:
         """After a go-away the last stream's HALF_CLOSE (queued for the end of the

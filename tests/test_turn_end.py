@@ -124,8 +124,8 @@ class RealReactorTests(unittest.TestCase):
         return done
 
 
-class ReviewTests(unittest.TestCase):
-    """Review findings (session 5): due calls that are lost or wait too long."""
+class DueCallTests(unittest.TestCase):
+    """No due call is lost or waits for a poll timeout."""
 
     def test_base_exception_keeps_the_rest_due(self) -> None:
         """A BaseException from a due call propagates, but the calls behind it stay due

@@ -1750,9 +1750,15 @@ class InnerLink(LinkProtocol):
         a client's request is usually there by then, and the root can write it
         to the service as soon as its connect succeeds, without waiting for the
         OPEN_RESULT to come back and the guest's socket to be read then.
+
+        Not while the link is paused (its UNIX buffer full): the bytes wait in
+        the guest's socket until the stream opens and reads them. What the
+        accepts of one iteration read counts toward ``LINK_HIGH_WATER`` like
+        any stream read (``_StreamProtocol.dataReceived``): past it the link
+        is flushed at once, which pauses it if the peer does not keep up.
         """
         sock = s._sock
-        if sock is None:
+        if sock is None or self._link_paused:
             return
         try:
             data = sock.recv(EARLY_DATA_MAX)
@@ -1770,6 +1776,9 @@ class InnerLink(LinkProtocol):
         conn.send_data(s.stream_id, data)
         if conn.buffered(s.stream_id):
             s.set_pause(_PAUSE_WINDOW)
+        self._unflushed += n
+        if self._unflushed > LINK_HIGH_WATER:
+            self.flush()
 
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamAccepted):
