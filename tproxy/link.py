@@ -434,14 +434,7 @@ class _StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._take(data):
-            link = self.link
-            link._unflushed += len(data)
-            if link._unflushed > LINK_HIGH_WATER:
-                # Flush now: over LINK_HIGH_WATER the link pauses its TCP sockets, and
-                # the reactor then skips the rest of this iteration's readers.
-                link.flush()
-            else:
-                link.flush_soon()
+            self.link.flush_soon(len(data))
 
     def _take(self, data: bytes) -> bool:
         """Queue bytes read from the TCP socket as DATA (not flushed); False if dropped."""
@@ -785,8 +778,8 @@ class LinkProtocol(Protocol):
             turn_end.hook(reactor) if isinstance(reactor, PosixReactorBase) else None
         )
         self._flush_due = False
-        #: DATA bytes read from TCP sockets since the last ``flush`` (bounds what
-        #: one iteration queues before ``flush_soon``'s flush).
+        #: DATA bytes read from TCP sockets since the last ``flush``
+        #: (``flush_soon``'s ``read``: bounds what one iteration queues).
         self._unflushed = 0
         #: Inside ``dataReceived``'s frame loop, which ends with a flush: a
         #: ``flush_soon`` there needs nothing more.
@@ -980,14 +973,23 @@ class LinkProtocol(Protocol):
 
         return do_write
 
-    def flush_soon(self) -> None:
+    def flush_soon(self, read: int = 0) -> None:
         """Write what the connection queued at the end of this reactor iteration.
 
         The frames of all the streams one iteration handles (requests read
         from guests, answers from services, OPEN, OPEN_RESULT, HALF_CLOSE)
         then leave in one send, and the peer wakes up once for them; a
         ``flush`` before then takes them along, in order (``tproxy.turn_end``).
+        ``read``: bytes of DATA just read from a TCP socket. Once those of one
+        iteration pass ``LINK_HIGH_WATER`` the link is flushed at once: over
+        it the link pauses its TCP sockets, and the reactor then skips the
+        rest of the iteration's readers.
         """
+        if read:
+            self._unflushed += read
+            if self._unflushed > LINK_HIGH_WATER:
+                self.flush()
+                return
         if self._turn_end is None:
             self.flush()
         elif self._in_read:
@@ -1754,8 +1756,8 @@ class InnerLink(LinkProtocol):
         Not while the link is paused (its UNIX buffer full): the bytes wait in
         the guest's socket until the stream opens and reads them. What the
         accepts of one iteration read counts toward ``LINK_HIGH_WATER`` like
-        any stream read (``_StreamProtocol.dataReceived``): past it the link
-        is flushed at once, which pauses it if the peer does not keep up.
+        any stream read (``flush_soon``'s ``read``): past it the link is
+        flushed at once, which pauses it if the peer does not keep up.
         """
         sock = s._sock
         if sock is None or self._link_paused:
@@ -1776,9 +1778,7 @@ class InnerLink(LinkProtocol):
         conn.send_data(s.stream_id, data)
         if conn.buffered(s.stream_id):
             s.set_pause(_PAUSE_WINDOW)
-        self._unflushed += n
-        if self._unflushed > LINK_HIGH_WATER:
-            self.flush()
+        self.flush_soon(n)
 
     def _role_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamAccepted):
